@@ -1,0 +1,369 @@
+/*
+ * kvmsplit guest: maps a test region, drops to CPL3 and runs write/read
+ * passes on the host's command. See protocol.h for the line protocol.
+ *
+ * Why CPL3: on PVM-style hosts CPL0 is emulated (~0.3 us an instruction) while
+ * CPL3 runs natively under shadow paging, so only CPL3 accesses exercise real
+ * KVM page faults. Only set-up (page tables, descriptor tables) runs at CPL0.
+ * Built freestanding with -mgeneral-regs-only: no SSE, nothing the emulator
+ * might not know.
+ */
+#include "protocol.h"
+
+typedef unsigned long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define PTE_P 1UL
+#define PTE_W 2UL
+#define PTE_U 4UL
+#define PTE_PS 0x80UL
+#define PTE_FLAGS (PTE_P | PTE_W | PTE_U)
+
+extern u64 boot_pml4[512];
+extern u64 gdt_tss[];
+extern char _end[];
+extern char kstacks[];
+extern void enter_user(void *rip, void *rsp, u64 arg) __attribute__((noreturn));
+
+struct tss {
+	u32 rsvd0;
+	u64 rsp0, rsp1, rsp2;
+	u64 rsvd1;
+	u64 ist[7];
+	u64 rsvd2;
+	u16 rsvd3, iomap_base;
+	u8 iomap[0x400 / 8 + 1];   /* ports 0-0x3ff; the last byte must be 0xff */
+} __attribute__((packed));
+
+struct idt_entry {
+	u16 off0, sel;
+	u8 ist, type;
+	u16 off1;
+	u32 off2, rsvd;
+} __attribute__((packed));
+
+struct trapframe {
+	u64 vec, err, rip, cs, rflags, rsp, ss;
+};
+
+static struct tss tss[MAX_CPUS];
+static struct idt_entry idt[32];
+static char ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
+static u64 pt_next, pt_end;     /* page-table page allocator (BSP, CPL0) */
+
+/* ---- port I/O and the UART ---------------------------------------------- */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+/* Byte by byte: PVM raises #GP for string I/O (rep outsb) at CPL3 even with IOPL=3. */
+static void put_bytes(const char *s, u64 n)
+{
+	while (n--)
+		outb(COM1, (u8)*s++);
+}
+
+static int getc_uart(void)
+{
+	while (!(inb(COM1 + 5) & 1))
+		;
+	return inb(COM1);
+}
+
+static void guest_exit(u8 code)
+{
+	for (;;)
+		outb(EXIT_PORT, code);
+}
+
+struct line { char buf[160]; u64 n; };
+
+static void l_str(struct line *l, const char *s) { while (*s && l->n < sizeof(l->buf) - 1) l->buf[l->n++] = *s++; }
+static void l_hexraw(struct line *l, u64 v)
+{
+	char t[17]; int i = 16;
+	t[i] = 0;
+	do { t[--i] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v);
+	l_str(l, t + i);
+}
+static void l_hex(struct line *l, u64 v) { l_str(l, " "); l_hexraw(l, v); }
+static void l_start(struct line *l, u64 cpu, const char *what) { l->n = 0; l_str(l, "@"); l_hexraw(l, cpu); l_str(l, " "); l_str(l, what); }
+static void l_send(struct line *l) { l->buf[l->n++] = '\n'; put_bytes(l->buf, l->n); }
+
+static u64 read_line(char *buf, u64 size)
+{
+	u64 n = 0;
+	for (;;) {
+		int c = getc_uart();
+		if (c == '\n' || c == '\r') {
+			if (n)
+				break;
+			continue;
+		}
+		if (n < size - 1)
+			buf[n++] = (char)c;
+	}
+	buf[n] = 0;
+	return n;
+}
+
+/* Parse up to `max` hex fields after the command letter. */
+static int parse_hex(const char *s, u64 *out, int max)
+{
+	int n = 0;
+	while (*s && n < max) {
+		while (*s == ' ')
+			s++;
+		if (!*s)
+			break;
+		u64 v = 0;
+		int digits = 0;
+		for (;; s++, digits++) {
+			char c = *s;
+			if (c >= '0' && c <= '9') v = v * 16 + (u64)(c - '0');
+			else if (c >= 'a' && c <= 'f') v = v * 16 + (u64)(c - 'a' + 10);
+			else break;
+		}
+		if (!digits || (*s && *s != ' '))
+			return -1;
+		out[n++] = v;
+	}
+	return n;
+}
+
+/* ---- CPL0: descriptor tables, page tables ---------------------------------- */
+static void set_idt(int vec, void (*fn)(void))
+{
+	u64 a = (u64)fn;
+	idt[vec] = (struct idt_entry){ .off0 = (u16)a, .sel = 0x08, .type = 0x8e,
+				       .off1 = (u16)(a >> 16), .off2 = (u32)(a >> 32) };
+}
+
+#define ISR_DECL(n) extern void isr##n(void);
+ISR_DECL(0) ISR_DECL(1) ISR_DECL(2) ISR_DECL(3) ISR_DECL(4) ISR_DECL(5) ISR_DECL(6) ISR_DECL(7)
+ISR_DECL(8) ISR_DECL(9) ISR_DECL(10) ISR_DECL(11) ISR_DECL(12) ISR_DECL(13) ISR_DECL(14) ISR_DECL(15)
+ISR_DECL(16) ISR_DECL(17) ISR_DECL(18) ISR_DECL(19) ISR_DECL(20) ISR_DECL(21)
+static void (*const isrs[22])(void) = {
+	isr0, isr1, isr2, isr3, isr4, isr5, isr6, isr7, isr8, isr9, isr10,
+	isr11, isr12, isr13, isr14, isr15, isr16, isr17, isr18, isr19, isr20, isr21,
+};
+
+static void cpu_tables(u32 cpu)
+{
+	struct { u16 limit; u64 base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (u64)idt };
+	u64 base = (u64)&tss[cpu];
+	u64 *d = &gdt_tss[2 * cpu];
+
+	tss[cpu].rsp0 = (u64)kstacks + ((u64)(cpu + 1) << KSTACK_SHIFT);
+	/* Grant the ports we use in the I/O bitmap as well as by IOPL=3: PVM
+	 * ignores IOPL at CPL3 but honours the bitmap. Zero bits allow. */
+	tss[cpu].iomap_base = __builtin_offsetof(struct tss, iomap);
+	tss[cpu].iomap[sizeof(tss[cpu].iomap) - 1] = 0xff;
+	d[0] = (sizeof(struct tss) - 1) | ((base & 0xffffff) << 16) | (0x89UL << 40) | ((base >> 24 & 0xff) << 56);
+	d[1] = base >> 32;
+	if (cpu == 0)
+		for (int i = 0; i < 22; i++)
+			set_idt(i, isrs[i]);
+	__asm__ volatile("lidt %0" :: "m"(idtr));
+	__asm__ volatile("ltr %w0" :: "r"(0x30 + 16 * cpu));
+}
+
+static u64 *pt_alloc(void)
+{
+	if (pt_next + 4096 > pt_end)
+		return 0;
+	u64 *p = (u64 *)pt_next;
+	pt_next += 4096;
+	/* fresh pages are zero: the host hands us zeroed memory and we never reuse */
+	return p;
+}
+
+/* Get (allocating) the table that entry `e` points to. */
+static u64 *pt_next_level(u64 *e)
+{
+	if (!(*e & PTE_P)) {
+		u64 *t = pt_alloc();
+		if (!t)
+			return 0;
+		*e = (u64)t | PTE_FLAGS;
+	}
+	return (u64 *)(*e & ~0xfffUL);
+}
+
+/* Identity-map [gpa, gpa+size) with pages of 1 << shift. Returns 0 or -1. */
+static int map_region(u64 gpa, u64 size, u32 shift)
+{
+	u64 step = 1UL << shift;
+	if ((shift != 12 && shift != 21 && shift != 30) || (gpa | size) & (step - 1))
+		return -1;
+	for (u64 va = gpa; va < gpa + size;) {
+		u64 *pdpt = pt_next_level(&boot_pml4[va >> 39 & 511]);
+		if (!pdpt)
+			return -1;
+		u64 *pdpte = &pdpt[va >> 30 & 511];
+		if (shift == 30) {
+			*pdpte = va | PTE_FLAGS | PTE_PS;
+			va += step;
+			continue;
+		}
+		u64 *pd = pt_next_level(pdpte);
+		if (!pd)
+			return -1;
+		u64 *pde = &pd[va >> 21 & 511];
+		if (shift == 21) {
+			*pde = va | PTE_FLAGS | PTE_PS;
+			va += step;
+			continue;
+		}
+		u64 *pt = pt_next_level(pde);
+		if (!pt)
+			return -1;
+		/* a whole page table in one tight loop: this is emulated on PVM */
+		u64 v = va | PTE_FLAGS;
+		for (int i = 0; i < 512; i++, v += 4096)
+			pt[i] = v;
+		va += 512 * 4096;
+	}
+	return 0;
+}
+
+/* ---- CPL3: the workload --------------------------------------------------------- */
+static u64 region_base, region_pages;
+
+static inline u64 mix64(u64 z)      /* splitmix64's finaliser; ucall.py has the same */
+{
+	z += 0x9e3779b97f4a7c15UL;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
+	return z ^ (z >> 31);
+}
+
+static u64 write_pass(u64 pass, u64 pattern, u64 pct, u64 seed, u64 first, u64 n)
+{
+	volatile u64 *base = (volatile u64 *)region_base;
+	u64 written = 0;
+	u64 seq_n = (n * pct + 99) / 100;
+	for (u64 i = first; i < first + n; i++) {
+		int sel = pattern == 0 ? (i - first) < seq_n
+				       : mix64(seed ^ (pass << 40) ^ i) % 100 < pct;
+		if (!sel)
+			continue;
+		base[i << (PAGE_SHIFT - 3)] = (u64)MARKER_TAG << 48 | pass << 32 | i;
+		written++;
+	}
+	return written;
+}
+
+static u64 read_pass(u64 first, u64 n)
+{
+	volatile u64 *base = (volatile u64 *)region_base;
+	u64 x = 0;
+	for (u64 i = first; i < first + n; i++)
+		x ^= base[i << (PAGE_SHIFT - 3)];
+	return x;
+}
+
+static void umain(u64 cpu) __attribute__((noreturn));
+static void umain(u64 cpu)
+{
+	struct line l;
+	char cmd[128];
+	u64 a[6];
+
+	l_start(&l, cpu, "READY");
+	l_send(&l);
+	for (;;) {
+		read_line(cmd, sizeof(cmd));
+		int n = parse_hex(cmd + 1, a, 6);
+		switch (cmd[0]) {
+		case 'W':
+			if (n != 6 || a[4] + a[5] > region_pages || a[2] > 100)
+				break;
+			l_start(&l, cpu, "DONE W");
+			l_hex(&l, a[0]);
+			l_hex(&l, write_pass(a[0], a[1], a[2], a[3], a[4], a[5]));
+			l_send(&l);
+			continue;
+		case 'R':
+			if (n != 2 || a[0] + a[1] > region_pages)
+				break;
+			l_start(&l, cpu, "DONE R");
+			l_hex(&l, read_pass(a[0], a[1]));
+			l_send(&l);
+			continue;
+		case 'H':
+			for (;;)
+				__asm__ volatile("pause");
+		case 'Q':
+			guest_exit(0);
+		}
+		l_start(&l, cpu, "ERR bad command: ");
+		l_str(&l, cmd);
+		l_send(&l);
+	}
+}
+
+/* ---- CPL0 entry ------------------------------------------------------------------ */
+struct mbinfo { u32 flags, mem_lower, mem_upper; };
+
+void kmain(u32 cpu, u32 mbinfo_pa)
+{
+	struct line l;
+	char cmd[128];
+	u64 a[3];
+
+	cpu_tables(cpu);
+	if (cpu == 0) {
+		struct mbinfo *mb = (struct mbinfo *)(u64)mbinfo_pa;
+		pt_next = ((u64)_end + 4095) & ~4095UL;
+		pt_end = 0x100000 + (u64)mb->mem_upper * 1024;
+		l_start(&l, 0, "HELLO");
+		l_hex(&l, PROTO_VERSION);
+		l_hex(&l, MAX_CPUS);
+		l_send(&l);
+		for (;;) {
+			read_line(cmd, sizeof(cmd));
+			if (cmd[0] == 'M' && parse_hex(cmd + 1, a, 3) == 3) {
+				u64 before = pt_next;
+				if (map_region(a[0], a[1], (u32)a[2]) == 0) {
+					region_base = a[0];
+					region_pages = a[1] >> PAGE_SHIFT;
+					l_start(&l, 0, "MAPPED");
+					l_hex(&l, a[0]);
+					l_hex(&l, a[1]);
+					l_hex(&l, a[2]);
+					l_hex(&l, (pt_next - before) >> 12);
+					l_send(&l);
+					break;
+				}
+				l_start(&l, 0, "ERR cannot map region (alignment or page-table memory)");
+			} else {
+				l_start(&l, 0, "ERR expected M <gpa> <size> <shift>: ");
+				l_str(&l, cmd);
+			}
+			l_send(&l);
+		}
+	}
+	enter_user((void *)umain, ustacks[cpu] + USTACK_SIZE, cpu);
+}
+
+/* An exception: report it and exit. Runs at CPL0 on this cpu's kernel stack. */
+void trap(struct trapframe *f)
+{
+	struct line l;
+	u64 cr2;
+	u16 tr;
+	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	__asm__ volatile("str %0" : "=r"(tr));
+	u64 cpu = (u64)(tr - 0x30) / 16;
+	l_start(&l, cpu, "EXC");
+	l_hex(&l, f->vec);
+	l_hex(&l, f->err);
+	l_hex(&l, f->rip);
+	l_hex(&l, cr2);
+	l_hex(&l, f->cs);
+	l_hex(&l, f->rflags);
+	l_send(&l);
+	guest_exit((u8)(0x80 | f->vec));
+}

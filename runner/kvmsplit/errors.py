@@ -1,0 +1,43 @@
+"""User-facing errors and the process exit codes they map to.
+
+A UserError is printed as one line (`kvmsplit: error: ...`) and never as a
+traceback. Each class has its own exit code so scripts and CI can tell a
+failed test (1) from input they got wrong (64/65/66) or a host that cannot run
+the request (2/69).
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1          # something ran and did not pass
+EXIT_NO_KVM = 2          # /dev/kvm missing or inaccessible
+EXIT_USAGE = 64          # bad command line (sysexits EX_USAGE)
+EXIT_BAD_INPUT = 65      # malformed input data: scenario file, kernel log, KTAP (EX_DATAERR)
+EXIT_NO_INPUT = 66       # an input file does not exist (EX_NOINPUT)
+EXIT_UNAVAILABLE = 69    # the host cannot provide what was asked: memory, toolchain (EX_UNAVAILABLE)
+EXIT_INTERRUPTED = 130   # Ctrl-C / SIGTERM; partial results are still written
+
+
+class UserError(Exception):
+    exit_code = EXIT_USAGE
+
+
+class UsageError(UserError):
+    exit_code = EXIT_USAGE
+
+
+class BadInputError(UserError):
+    """Input that does not parse or validate. Say where (file:line) and what."""
+    exit_code = EXIT_BAD_INPUT
+
+
+class NoInputError(UserError):
+    exit_code = EXIT_NO_INPUT
+
+
+class UnavailableError(UserError):
+    """The host cannot satisfy the request (more memory than it has, no compiler...)."""
+    exit_code = EXIT_UNAVAILABLE
+
+
+class NoKvmError(UserError):
+    exit_code = EXIT_NO_KVM
