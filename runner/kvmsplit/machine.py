@@ -82,6 +82,7 @@ class Machine:
         self.vm.fault = fault
         self.events: "queue.Queue[tuple]" = queue.Queue()
         self.console: list[str] = []           # every line the guest printed
+        self._backlog: list[ucall.GuestLine] = []
         self.slots: dict[int, Slot] = {}
         self._mems: list[GuestMemory] = []
         self._stop = threading.Event()
@@ -142,7 +143,10 @@ class Machine:
 
     def expect(self, cpu: int, kind: str, timeout: float, what: str = "") -> ucall.GuestLine:
         """Wait for '@cpu KIND ...'. Guest death, an exception report, an ERR
-        line or a timeout raise GuestError; other lines are kept in the console."""
+        line or a timeout raise GuestError; other vCPUs' lines wait in a backlog."""
+        for i, gl in enumerate(self._backlog):
+            if gl.cpu == cpu and gl.kind == kind:
+                return self._backlog.pop(i)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -161,6 +165,7 @@ class Machine:
                     raise GuestError(f"guest cpu {gl.cpu}: {gl.text}")
                 if gl.cpu == cpu and gl.kind == kind:
                     return gl
+                self._backlog.append(gl)   # another vCPU's answer: keep it for its expect()
             elif tag == "vmbugged":
                 raise ev[2]
             elif tag in ("exit", "dead"):

@@ -9,7 +9,7 @@ import os
 from . import uapi
 from .fd import KvmFd, KvmIoctlError
 
-DEV_KVM = "/dev/kvm"
+DEV_KVM = os.environ.get("KVMSPLIT_DEV_KVM", "/dev/kvm")  # overridable for tests
 
 
 class KvmUnavailable(Exception):

@@ -1,0 +1,195 @@
+"""The `kvmsplit` command line.
+
+User errors print one line and exit with the code of their class (see
+errors.py); only bugs in kvmsplit itself show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, NoKvmError, UsageError,
+                     UserError)
+from .kvm import KvmUnavailable
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit code 2 would read as "no /dev/kvm"
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _facts():
+    from .hostinfo import probe
+    try:
+        return probe()
+    except KvmUnavailable as e:
+        raise NoKvmError(str(e)) from None
+
+
+# -- probe -----------------------------------------------------------------------------
+def cmd_probe(args) -> int:
+    facts = _facts()
+    if args.json:
+        print(json.dumps(facts, indent=1, default=str))
+        return EXIT_OK
+    print(format_probe(facts))
+    return EXIT_OK
+
+
+def format_probe(f: dict) -> str:
+    def yn(p):
+        if p is None:
+            return "absent"
+        v = p["value"]
+        v = "Y" if v is True else "N" if v is False else v
+        return f"{v} ({'writable' if p['writable'] else 'read-only'})"
+    virt = f["virtualization"]
+    mem = f["memory"]
+    rows = [
+        ("kernel", f["kernel"]["release"]),
+        ("cpu", f"{f['cpu']['vendor']} {f['cpu']['model']} x{f['cpu']['count']}"),
+        ("virtualization", f"{virt['hardware']}; KVM is {virt['kind']}; paging {virt['paging']}; "
+                           f"modules {', '.join(virt['modules']) or 'none'}"),
+        ("kvm api", f["kvm"]["api_version"]),
+    ]
+    rows += [(f"kvm.{n}", yn(p)) for n, p in f["kvm"]["params"].items()]
+    rows += [(f"cap {n}", v) for n, v in f["kvm"]["capabilities"].items()]
+    rows += [(f"guest {n}", "yes" if v else "no") for n, v in f["kvm"].get("guest_features", {}).items()]
+    rows += [
+        ("thp", f["thp"] or "absent"),
+        *[(f"hugetlb {kb // 1024}M", f"{p['total']} total, {p['free']} free"
+           + ("" if p["writable"] else " (read-only)")) for kb, p in f["hugetlb"].items()],
+        ("memory", f"{(mem['total'] or 0) / 2**30:.1f} GiB total, "
+                   f"{(mem['available'] or 0) / 2**30:.1f} GiB available"),
+        ("kernel log", "readable" if f["kernel_log_readable"] else "NOT readable"),
+        ("taint", f"{f['taint']['value']} ({f['taint']['letters'] or 'none'})"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+# -- list / run ----------------------------------------------------------------------------
+def _scenarios(args, facts: dict | None):
+    """Scenario files are read before anything touches the host, so bad input
+    is reported even where /dev/kvm is missing."""
+    from .scenario import default_suite, load_file, select
+    base = []
+    for f in args.scenario or []:
+        base += load_file(f)
+    if not args.scenario:
+        base = default_suite(facts)
+    chosen = select(base, args.k)
+    if not chosen:
+        raise UsageError(f"no scenario matches -k {' '.join(args.k or [])}")
+    return chosen
+
+
+def cmd_list(args) -> int:
+    from .expectation import expect
+    chosen = _scenarios(args, None) if args.scenario else None
+    facts = _facts()
+    for s in chosen or _scenarios(args, facts):
+        e = expect(s, facts, args.expect)
+        when = f"@{e.when}" if e.when else ""
+        print(f"{s.name:44} {s.size >> 20:>6}M vcpus={s.vcpus} slots={s.memslots} "
+              f"{s.pattern}/{s.percent}% passes={s.passes}  expect {e.split}{when}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .engine import RunOptions
+    from .output import Progress, table
+    from .scenario import check_fits_host
+    from .suite import run_suite
+
+    scenarios = _scenarios(args, None) if args.scenario else None
+    facts = _facts()
+    scenarios = scenarios or _scenarios(args, facts)
+    check_fits_host(scenarios, facts)
+    out = Path(args.output or Path("results") / time.strftime("%Y%m%d-%H%M%S"))
+    progress = Progress(len(scenarios))
+    opts = RunOptions(expect=args.expect, accept_user_log=args.accept_user_log,
+                      phase_timeout=args.phase_timeout, inject_eio=args.inject_eio,
+                      inject_hang=args.inject_hang, on_phase=progress.phase)
+    print(f"kvmsplit {__version__}: {len(scenarios)} scenario(s) on {facts['kernel']['release']}, "
+          f"paging {facts['virtualization']['paging']}, tdp_mmu="
+          f"{_pv(facts, 'tdp_mmu')}, eager_page_split={_pv(facts, 'eager_page_split')}; "
+          f"results in {out}/", file=sys.stderr)
+    rr = run_suite(scenarios, facts, out, options=opts, allow_host_changes=not args.no_host_changes,
+                   argv=sys.argv, on_result=lambda i, r: progress.result(r))
+    print(table(rr, tty=sys.stdout.isatty()))
+    print(f"\nresults: {out / 'results.json'}")
+    return EXIT_OK if rr.ok else EXIT_FAILED
+
+
+def _pv(facts, name):
+    from .hostinfo import param_value
+    v = param_value(facts, name)
+    return "Y" if v is True else "N" if v is False else v
+
+
+# -- entry point ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvmsplit", description="Real-hardware tests of KVM dirty logging and huge-page splitting.")
+    p.add_argument("--version", action="version", version=f"kvmsplit {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    sp = sub.add_parser("probe", help="show the host facts that decide what to expect")
+    sp.add_argument("--json", action="store_true", help="one JSON object")
+    sp.set_defaults(func=cmd_probe)
+
+    def selection(sp):
+        sp.add_argument("-k", action="append", metavar="PATTERN",
+                        help="only scenarios whose name contains PATTERN (glob allowed; repeatable)")
+        sp.add_argument("--scenario", action="append", metavar="FILE.toml",
+                        help="scenarios from a TOML file instead of the default suite")
+        sp.add_argument("--expect", choices=("eager", "lazy", "none"),
+                        help="override the host rule's split expectation")
+
+    sp = sub.add_parser("list", help="list the scenarios a run would run, with their expectation")
+    selection(sp)
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("run", help="run scenarios and judge them")
+    selection(sp)
+    sp.add_argument("--output", "-o", metavar="DIR", help="write results.json here (default results/<time>)")
+    sp.add_argument("--no-host-changes", action="store_true",
+                    help="never grow hugetlb pools; skip scenarios that would need it")
+    sp.add_argument("--phase-timeout", type=float, metavar="S",
+                    help="seconds a guest may take in one phase before the scenario is an ERROR")
+    sp.add_argument("--accept-user-log", action="store_true",
+                    help="also treat user-written /dev/kmsg lines as kernel reports (for testing kvmsplit)")
+    sp.add_argument("--inject-eio", metavar="IOCTL", help=argparse.SUPPRESS)
+    sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_run)
+    return p
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"kvmsplit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nkvmsplit: interrupted; host settings restored, partial results kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Run a list of scenarios and keep the results safe.
+
+results.json is rewritten after every scenario, so Ctrl-C, SIGTERM or a
+crash loses at most the scenario in flight, and that one is recorded as
+ERROR with the phase it was in. Host changes are restored on every exit path.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .engine import RunOptions, ScenarioRun
+from .guest.build import guest_image
+from .hostchanges import HostChanges
+from .kvm import Kvm
+from .results import ERROR, MISS, RunResult, ScenarioResult
+from .scenario import Scenario
+
+
+def run_suite(scenarios: list[Scenario], facts: dict, outdir: Path, *,
+              options: RunOptions | None = None, allow_host_changes: bool = True,
+              argv: list[str] | None = None,
+              on_result: Callable[[int, ScenarioResult], None] | None = None) -> RunResult:
+    options = options or RunOptions()
+    image = guest_image()
+    rr = RunResult(host=facts, argv=list(argv if argv is not None else sys.argv),
+                   kvmsplit_version=__version__)
+    rr.scenarios = [ScenarioResult(name=s.name, scenario=s.to_dict()) for s in scenarios]
+    rr.write(outdir)
+    kvm = Kvm()
+    current = None
+    try:
+        with HostChanges(allowed=allow_host_changes) as host:
+            rr.host_changes = host.log
+            for i, s in enumerate(scenarios):
+                current = i
+                run = ScenarioRun(s, facts, image, host, kvm, options)
+                rr.scenarios[i] = run.res      # so an interrupt records the phase
+                res = run.run()
+                rr.scenarios[i] = res
+                current = None
+                rr.write(outdir)
+                if on_result:
+                    on_result(i, res)
+    except BaseException:
+        rr.interrupted = True
+        if current is not None:
+            r = rr.scenarios[current]
+            if r.verdict == MISS:
+                r.verdict = ERROR
+                r.reasons = r.reasons or ["interrupted"]
+        raise
+    finally:
+        rr.finished = time.time()
+        rr.write(outdir)
+        kvm.close()
+    return rr

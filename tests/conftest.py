@@ -1,0 +1,77 @@
+"""Fixtures that build real VMs, Firecracker-style: tests say what they want
+(a scenario, a machine) and the fixtures own set-up and teardown.
+
+Tests that need /dev/kvm are marked `kvm`. Without /dev/kvm they skip, except
+under KVMSPLIT_REQUIRE_KVM=1 (CI on a KVM machine), where a skip would hide a
+broken environment, so they fail instead.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REQUIRE_KVM = os.environ.get("KVMSPLIT_REQUIRE_KVM") == "1"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip when a prerequisite is missing; fail under KVMSPLIT_REQUIRE_KVM=1."""
+    if condition:
+        return
+    if REQUIRE_KVM:
+        pytest.fail(f"required but unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _kvm_usable() -> str | None:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError as e:
+        return f"/dev/kvm unusable: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("kvm"):
+        why = _kvm_usable()
+        need(why is None, why or "")
+
+
+@pytest.fixture(scope="session")
+def kvm():
+    need(_kvm_usable() is None, "/dev/kvm unusable")
+    from kvmsplit.kvm import Kvm
+    k = Kvm()
+    yield k
+    k.close()
+
+
+@pytest.fixture(scope="session")
+def facts(kvm):
+    from kvmsplit.hostinfo import probe
+    return probe(kvm)
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    from kvmsplit.guest.build import guest_image as build
+    return build()
+
+
+@pytest.fixture(scope="session")
+def host_changes():
+    """Hugetlb pools grown for the session, restored at its end."""
+    from kvmsplit.hostchanges import HostChanges
+    with HostChanges() as hc:
+        yield hc
+
+
+@pytest.fixture
+def run_scenario(kvm, facts, guest_image, host_changes):
+    """run_scenario(Scenario, **RunOptions fields) -> ScenarioResult, for real."""
+    from kvmsplit.engine import RunOptions, ScenarioRun
+
+    def run(scenario, **opts):
+        return ScenarioRun(scenario, facts, guest_image, host_changes, kvm, RunOptions(**opts)).run()
+    return run

@@ -1,0 +1,91 @@
+"""The command line as a user meets it: real subprocesses, real exit codes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvmsplit.errors import EXIT_NO_KVM, EXIT_UNAVAILABLE, EXIT_USAGE
+
+
+def kvmsplit(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "kvmsplit", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.mark.kvm
+def test_probe_json_shows_the_true_kvm_params():
+    r = kvmsplit("probe", "--json")
+    assert r.returncode == 0, r.stderr
+    f = json.loads(r.stdout)
+    for name in ("tdp_mmu", "eager_page_split", "nx_huge_pages"):
+        want = open(f"/sys/module/kvm/parameters/{name}").read().strip() == "Y"
+        assert f[name]["value"] is want
+        assert f[name]["writable"] is os.access(f"/sys/module/kvm/parameters/{name}", os.W_OK)
+    assert f["kvm"]["api_version"] == 12
+    assert set(f["kvm"]["capabilities"]) >= {"MANUAL_DIRTY_LOG_PROTECT2", "DIRTY_LOG_RING",
+                                            "DIRTY_LOG_RING_ACQ_REL", "BINARY_STATS_FD",
+                                            "USER_MEMORY2", "GUEST_MEMFD", "NR_VCPUS", "MAX_VCPUS"}
+    assert f["taint"]["value"] == int(open("/proc/sys/kernel/tainted").read())
+
+
+@pytest.mark.kvm
+def test_probe_table():
+    r = kvmsplit("probe")
+    assert r.returncode == 0 and "kvm.eager_page_split" in r.stdout and "taint" in r.stdout
+
+
+def test_missing_dev_kvm_is_one_line_and_exit_2():
+    r = kvmsplit("probe", env={"KVMSPLIT_DEV_KVM": "/nonexistent/kvm"})
+    assert r.returncode == EXIT_NO_KVM
+    assert r.stderr.count("\n") == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_usage_error_exit_code():
+    r = kvmsplit("run", "--expect", "sideways")
+    assert r.returncode == EXIT_USAGE and "Traceback" not in r.stderr
+
+
+@pytest.mark.kvm
+def test_more_memory_than_the_host_has_is_refused_up_front(tmp_path):
+    f = tmp_path / "big.toml"
+    f.write_text('[[scenario]]\nname = "huge"\nsize = "256G"\n')
+    r = kvmsplit("run", "--scenario", str(f), "-o", str(tmp_path / "out"))
+    assert r.returncode == EXIT_UNAVAILABLE
+    assert "needs 256G of guest memory but this host has" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.kvm
+def test_run_writes_results_and_exits_0(tmp_path):
+    r = kvmsplit("run", "-k", "hugetlb-2m/2m/bitmap", "-k", "thp/4k/ring", "-o", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    names = {s["name"]: s for s in res["scenarios"]}
+    assert set(names) == {"hugetlb-2m/2m/bitmap", "thp/4k/ring"}
+    assert all(s["verdict"] == "PASS" for s in names.values())
+    assert res["host"]["eager_page_split"]["value"] in (True, False)
+    assert "split observed" in r.stdout
+
+
+@pytest.mark.kvm
+def test_sigint_keeps_finished_results_and_restores_host(tmp_path):
+    """Ctrl-C in the middle: exit 130, finished scenarios kept, the one in
+    flight recorded as ERROR, the rest MISS, hugetlb pool as before."""
+    import signal
+    import time
+    pool = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+    before = open(pool).read()
+    p = subprocess.Popen([sys.executable, "-m", "kvmsplit", "run", "-k", "hugetlb-2m/", "-o", str(tmp_path),
+                          "--inject-hang", "dirty-2", "--phase-timeout", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)    # boot, populate and dirty-1 take about a second; then it hangs in dirty-2
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    data = json.loads((tmp_path / "results.json").read_text())
+    verdicts = [s["verdict"] for s in data["scenarios"]]
+    assert data["interrupted"] and verdicts[0] == "ERROR" and set(verdicts[1:]) == {"MISS"}
+    assert "interrupted in phase dirty-2" in data["scenarios"][0]["reasons"][0]
+    assert open(pool).read() == before
