@@ -113,7 +113,7 @@ def cmd_run(args) -> int:
     scenarios = scenarios or _scenarios(args, facts)
     check_fits_host(scenarios, facts)
     out = Path(args.output or Path("results") / time.strftime("%Y%m%d-%H%M%S"))
-    progress = Progress(len(scenarios))
+    progress = Progress(len(scenarios), verbose=args.verbose)
     opts = RunOptions(expect=args.expect, accept_user_log=args.accept_user_log,
                       phase_timeout=args.phase_timeout, inject_eio=args.inject_eio,
                       inject_hang=args.inject_hang, on_phase=progress.phase)
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run scenarios and judge them")
     selection(sp)
     sp.add_argument("--output", "-o", metavar="DIR", help="write results.json here (default results/<time>)")
+    sp.add_argument("-v", "--verbose", action="store_true", help="a line per phase, also when not on a terminal")
     sp.add_argument("--no-host-changes", action="store_true",
                     help="never grow hugetlb pools; skip scenarios that would need it")
     sp.add_argument("--phase-timeout", type=float, metavar="S",

@@ -62,6 +62,7 @@ class ScenarioRun:
         self.initially_set: dict | None = None
         self.vm_bugged: str | None = None
         self.kernel_s = 0.0
+        self.host_huge_bytes: int | None = None
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> ScenarioResult:
@@ -216,6 +217,8 @@ class ScenarioRun:
 
         with self.phase("populate"):
             self._write_pass(0, "seq", 100, check_dirty=False)
+        # what the host kernel backs with huge pages: tells "THP gave none" from a KVM bug
+        self.host_huge_bytes = self.mem.huge_bytes()
 
         with self.phase("enable"), self.in_kernel():
             for sl in self.slots:

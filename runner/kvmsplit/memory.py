@@ -82,11 +82,11 @@ class GuestMemory:
 
     def close(self) -> None:
         if self._map is not None:
-            self.buf.release()
             try:
+                self.buf.release()
                 self._map.close()
             except BufferError:
-                pass  # a numpy view still alive; the mapping goes with it
+                pass  # a numpy view is still alive; the mapping goes when it does
             self._map = None
         if self._fd >= 0:
             os.close(self._fd)

@@ -13,14 +13,19 @@ COLOR = {"PASS": "32", "FAIL": "31", "ERROR": "35", "SKIP": "33", "MISS": "90"}
 class Progress:
     """One line, rewritten in place on a terminal; plain lines otherwise."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=sys.stderr, verbose: bool = False):
         self.total, self.stream = total, stream
         self.tty = stream.isatty()
+        self.verbose = verbose
         self.done = 0
         self.t0 = time.monotonic()
 
     def phase(self, name: str, phase: str) -> None:
-        if self.tty:
+        if self.verbose:
+            clear = "\r\x1b[K" if self.tty else ""
+            self.stream.write(f"{clear}[{self.done + 1}/{self.total}] {name}: {phase}\n")
+            self.stream.flush()
+        elif self.tty:
             line = f"[{self.done + 1}/{self.total}] {name}: {phase}"
             width = shutil.get_terminal_size().columns - 1
             self.stream.write("\r\x1b[K" + line[:width])

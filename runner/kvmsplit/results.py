@@ -53,12 +53,19 @@ class ScenarioResult:
     started: float | None = None
     duration_s: float | None = None
     console_tail: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)     # kind-specific data, e.g. a kselftest's exit code and KTAP
 
     def check(self, name: str) -> Check | None:
         return next((c for c in self.checks if c.name == name), None)
 
     def phase(self, name: str) -> Phase | None:
         return next((p for p in self.phases if p.name == name), None)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScenarioResult":
+        """The inverse of asdict(); the caller validates d first (report.schema)."""
+        return cls(**{**d, "checks": [Check(**c) for c in d.get("checks", [])],
+                      "phases": [Phase(**p) for p in d.get("phases", [])]})
 
 
 @dataclass
@@ -73,6 +80,9 @@ class RunResult:
     interrupted: bool = False
     host_changes: list[str] = field(default_factory=list)
     scenarios: list[ScenarioResult] = field(default_factory=list)
+    # The patch series under test, from the command line: name, version,
+    # message_id, base_commit (each optional).
+    series: dict | None = None
 
     def counts(self) -> dict[str, int]:
         c = {v: 0 for v in VERDICTS}
@@ -88,6 +98,11 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunResult":
+        """The inverse of to_dict(); the caller validates d first (report.schema)."""
+        return cls(**{**d, "scenarios": [ScenarioResult.from_dict(s) for s in d.get("scenarios", [])]})
 
     def write(self, directory: Path) -> Path:
         """Write results.json atomically: a reader (or a Ctrl-C) never sees half a file."""

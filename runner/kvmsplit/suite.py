@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from . import __version__
 from .engine import RunOptions, ScenarioRun
@@ -20,16 +20,29 @@ from .results import ERROR, MISS, RunResult, ScenarioResult
 from .scenario import Scenario
 
 
+class ResultSink(Protocol):
+    """Something that keeps results as they come (report files, the history
+    database). Called after results.json is written, so a sink that fails
+    never loses results."""
+
+    def started(self, rr: RunResult, outdir: Path) -> None: ...
+    def scenario_done(self, rr: RunResult, index: int, outdir: Path) -> None: ...
+    def finished(self, rr: RunResult, outdir: Path) -> None: ...
+
+
 def run_suite(scenarios: list[Scenario], facts: dict, outdir: Path, *,
               options: RunOptions | None = None, allow_host_changes: bool = True,
               argv: list[str] | None = None,
-              on_result: Callable[[int, ScenarioResult], None] | None = None) -> RunResult:
+              on_result: Callable[[int, ScenarioResult], None] | None = None,
+              sinks: list[ResultSink] = ()) -> RunResult:
     options = options or RunOptions()
     image = guest_image()
     rr = RunResult(host=facts, argv=list(argv if argv is not None else sys.argv),
                    kvmsplit_version=__version__)
     rr.scenarios = [ScenarioResult(name=s.name, scenario=s.to_dict()) for s in scenarios]
     rr.write(outdir)
+    for sink in sinks:
+        sink.started(rr, outdir)
     kvm = Kvm()
     current = None
     try:
@@ -43,6 +56,8 @@ def run_suite(scenarios: list[Scenario], facts: dict, outdir: Path, *,
                 rr.scenarios[i] = res
                 current = None
                 rr.write(outdir)
+                for sink in sinks:
+                    sink.scenario_done(rr, i, outdir)
                 if on_result:
                     on_result(i, res)
     except BaseException:
@@ -56,5 +71,7 @@ def run_suite(scenarios: list[Scenario], facts: dict, outdir: Path, *,
     finally:
         rr.finished = time.time()
         rr.write(outdir)
+        for sink in sinks:
+            sink.finished(rr, outdir)
         kvm.close()
     return rr

@@ -45,7 +45,7 @@ def judge(run, error: str | None) -> None:
         add(Check("huge-before", "pass", f"{_fmt(ph['populate'])} after populate",
                   {"populate": ph["populate"]}))
     else:
-        host_huge = run.mem.huge_bytes() if run.mem is not None and run.mem._map is not None else None
+        host_huge = run.host_huge_bytes
         if s.backing is Backing.THP and not host_huge:
             add(Check("huge-before", "skip", f"THP delivered no huge pages for the {s.size >> 20} MiB "
                       "backing (AnonHugePages=0); split behaviour not tested",

@@ -65,6 +65,7 @@ class KvmFd:
     """A file descriptor that speaks KVM ioctls; base of System, Vm and Vcpu."""
 
     fault: FaultInjector | None = None
+    fd = -1   # so close() is safe when __init__ failed before opening
 
     def __init__(self, fd: int):
         self.fd = fd
