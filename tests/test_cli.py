@@ -102,3 +102,27 @@ def test_sigint_keeps_finished_results_and_restores_host(tmp_path):
     assert data["interrupted"] and verdicts[0] == "ERROR" and set(verdicts[1:]) == {"MISS"}
     assert "interrupted in phase dirty-2" in data["scenarios"][0]["reasons"][0]
     assert open(pool).read() == before
+
+
+def test_kernellog_scans_a_saved_log(tmp_path):
+    log = tmp_path / "console.log"
+    log.write_text("[    1.0] Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc/html/"
+                   "latest/admin-guide/hw-vuln/srso.html for mitigation options.\n"
+                   "[    2.0] ------------[ cut here ]------------\n"
+                   "[    2.0] WARNING: CPU: 1 PID: 103 at arch/x86/kvm/mmu/tdp_mmu.c:1366 "
+                   "tdp_mmu_split_huge_page+0x12c/0x150\n"
+                   "[    2.1] Call Trace:\n[    2.1]  <TASK>\n"
+                   "[    2.1]  kvm_mmu_slot_try_split_huge_pages+0x4b/0x80\n"
+                   "[    2.1]  kvm_arch_commit_memory_region+0x1c0/0x2c0\n"
+                   "[    2.1]  </TASK>\n[    2.2] ---[ end trace 0000000000000000 ]---\n")
+    r = kvmsplit("kernellog", str(log), "--json")
+    assert r.returncode == 1      # reports found
+    reports = json.loads(r.stdout)
+    assert [x["title"] for x in reports] == ["WARNING in tdp_mmu_split_huge_page"]
+
+
+def test_kernellog_malformed_kmsg_is_one_line_exit_65(tmp_path):
+    bad = tmp_path / "kmsg.txt"
+    bad.write_text("6,100,5000,-;fine\n6,oops,5001,-;broken\n")
+    r = kvmsplit("kernellog", str(bad))
+    assert r.returncode == 65 and "line 2" in r.stderr and r.stderr.count("\n") == 1

@@ -134,6 +134,27 @@ def _pv(facts, name):
     return "Y" if v is True else "N" if v is False else v
 
 
+# -- kernellog ------------------------------------------------------------------------------
+def cmd_kernellog(args) -> int:
+    """Scan a saved kernel log (dmesg, console, /dev/kmsg dump) for reports."""
+    from .errors import NoInputError
+    from .kernellog import parse_log_text, parse_reports
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(errors="replace")
+    except FileNotFoundError:
+        raise NoInputError(f"{args.file}: no such file") from None
+    except OSError as e:
+        raise NoInputError(f"{args.file}: {e.strerror}") from None
+    reports = parse_reports(parse_log_text(text))
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=1))
+    else:
+        for r in reports:
+            print(f"{r.title}\n  " + "\n  ".join(r.frames[:8]) if r.frames else r.title)
+        print(f"{len(reports)} report(s) in {args.file}")
+    return EXIT_FAILED if reports else EXIT_OK
+
+
 # -- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvmsplit", description="Real-hardware tests of KVM dirty logging and huge-page splitting.")
@@ -169,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--inject-eio", metavar="IOCTL", help=argparse.SUPPRESS)
     sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log")
+    sp.add_argument("file", help="dmesg output, a console log or a /dev/kmsg dump; - for stdin")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_kernellog)
     return p
 
 

@@ -1,0 +1,458 @@
+"""Kernel reports (WARNING, BUG, KASAN, lockdep, stalls, panics) found in log records.
+
+Modelled on syzkaller's pkg/report (linux.go): a table of report types, each
+with a start pattern, a title format and a rule for choosing the stack frame
+that names the bug, skipping generic frames (__warn, dump_stack, kasan_report,
+lock_acquire...). Titles follow syzkaller's conventions, so they can be
+compared with syzbot's: `WARNING in kvm_mmu_find_shadow_page`,
+`KASAN: slab-use-after-free Read in kvm_tdp_mmu_invalidate_all_roots`.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+from .records import Record
+
+_FN = r"[A-Za-z_]\w*"                 # a C identifier
+_SRC = r"[\w./-]+\.[A-Za-z]+"         # a source path, with its extension
+
+
+@dataclass(frozen=True)
+class ReportType:
+    """One row of the table.
+
+    start    is searched in each (left-stripped) log line; its named groups feed
+             the title: `fn` is the function the header names, `file`/`line`
+             where the kernel says it fired, anything else (kind, msg...) is
+             used by name in `title`.
+    title    a format string; {func} is the frame chosen by `frame`.
+    frame    how that frame is chosen: "stack" (header function, kernel RIP,
+             then the call trace: the first non-generic one), "stall" (the task
+             context's frames, anchored at the syscall or worker that looped),
+             "hang" (the blocked task, grouped by what it waits for), "lock"
+             (lockdep's `at:` lines, then the trace) or "none".
+    skip     generic frames for this type on top of the common list.
+    attach   what the line does while another report is open: "new" starts its
+             own report; "open" is part of the open report (e.g. the `invalid
+             opcode` line of a BUG); "last" also rejoins the previous report when
+             none is open (`Kernel panic - not syncing: Fatal exception` after
+             an oops's end marker).
+    detail   searched in the lines after the start for more title fields.
+    """
+    name: str
+    start: re.Pattern
+    title: str
+    frame: str = "stack"
+    skip: tuple[str, ...] = ()
+    attach: str = "new"
+    detail: re.Pattern | None = None
+
+
+def _row(name: str, start: str, title: str, detail: str | None = None, **kw) -> ReportType:
+    return ReportType(name, re.compile(start), title,
+                      detail=re.compile(detail) if detail else None, **kw)
+
+
+def _warning(path: str = _SRC, fn: str = _FN) -> str:
+    """The header __warn() prints, restricted to a source path and a function.
+
+    Forms: `WARNING: CPU: 3 PID: 77 at FILE:LINE FN+0x9a/0x1c0` (since 2.6.3x),
+    `WARNING: at FILE:LINE FN+...()` (older) and `WARNING: FILE:LINE at 0x0,
+    CPU#1: comm/pid` (2025 rework). Notices such as `Speculative Return Stack
+    Overflow: WARNING: See https://...` have no FILE:LINE and do not match.
+    """
+    return (rf"^WARNING: (?:CPU: \d+ (?:UID: \d+ )?PID: \d+ at |at |\[[^\]]*\] )?"
+            rf"(?P<file>{path}):(?P<line>\d+)\b(?:\s+(?:at\s+)?(?P<fn>{fn})(?=[+.(]|$))?")
+
+
+_KVM_SOURCE = r"(?:arch/[\w-]+/kvm|virt/kvm)/[\w./-]+\.[ch]"
+_LOCKDEP_SKIP = ("process_one_work", "flush_workqueue", "drain_workqueue", "destroy_workqueue")
+
+# First match wins, so specific rows come before general ones.
+REPORT_TYPES: tuple[ReportType, ...] = (
+    # WARN_ON() and friends: __warn() output.
+    _row("WARNING", _warning(r"lib/refcount\.c"), "WARNING: refcount bug in {func}",
+         skip=("refcount", "kobject_")),
+    _row("WARNING", _warning(r"lib/debugobjects\.c"), "WARNING: ODEBUG bug in {func}",
+         skip=("debug_", "rcu", "hrtimer_", "timer_", "work_", "percpu_", "vunmap", "vfree",
+               "__free_", "kobject_")),
+    _row("WARNING", _warning(r"kernel/locking/lockdep\.c", r"\w*lock_\w*"),
+         "WARNING: locking bug in {func}", skip=("lock_sock", "release_sock")),
+    # A WARN in KVM's own source: KVM_BUG_ON() and the MMU's sanity checks land here.
+    _row("KVM_WARN", _warning(_KVM_SOURCE), "WARNING in {func}"),
+    _row("WARNING", _warning(), "WARNING in {func}"),
+    # Sanitizers.
+    _row("KASAN", r"BUG: KASAN: (?:double-free or invalid-free|double-free|invalid-free) "
+         rf"in (?P<fn>{_FN})", "KASAN: invalid-free in {func}",
+         skip=("slab_", "kfree", "vunmap", "vfree")),
+    _row("KASAN", rf"BUG: KASAN: (?P<kind>[a-z-]+) in (?P<fn>{_FN})",
+         "KASAN: {kind} {access} in {func}", detail=r"(?P<access>Read|Write) (?:of size|at addr)"),
+    _row("UBSAN", rf"UBSAN: Undefined behaviour in (?P<file>{_SRC}):(?P<line>\d+)",
+         "UBSAN: undefined-behaviour in {func}", skip=("ubsan", "overflow")),
+    _row("UBSAN", rf"UBSAN: (?P<kind>[\w-]+) in (?P<file>{_SRC}):(?P<line>\d+)",
+         "UBSAN: {kind} in {func}", skip=("ubsan", "overflow")),
+    # BUG: lines.
+    _row("BUG", r"BUG: (?:unable to handle kernel paging request|unable to handle page fault for "
+         r"address|Unable to handle kernel data access)",
+         "BUG: unable to handle kernel paging request in {func}"),
+    _row("BUG", r"BUG: (?:unable to handle kernel NULL pointer dereference|kernel NULL pointer "
+         r"dereference|Kernel NULL pointer dereference)",
+         "BUG: unable to handle kernel NULL pointer dereference in {func}"),
+    _row("BUG", r"^Unable to handle kernel (?P<kind>paging request|NULL pointer dereference|access "
+         r"to user memory)", "BUG: unable to handle kernel {kind} in {func}"),
+    _row("SOFT_LOCKUP", r"BUG: soft lockup", "BUG: soft lockup in {func}", frame="stall"),
+    _row("BUG", r"BUG: (?P<kind>spinlock|rwlock) (?P<what>lockup suspected|already unlocked|"
+         r"recursion|cpu recursion|bad magic|wrong owner|wrong CPU)",
+         "BUG: {kind} {what} in {func}", skip=("spin_", "_lock", "_unlock")),
+    _row("BUG", r"BUG: scheduling while atomic", "BUG: scheduling while atomic in {func}",
+         skip=("schedule",)),
+    _row("BUG", rf"BUG: sleeping function called from invalid context at (?P<file>{_SRC}):(?P<line>\d+)",
+         "BUG: sleeping function called from invalid context in {func}"),
+    _row("BUG", r"BUG: using (?P<what>\w+)\(\) in preemptible",
+         "BUG: using {what}() in preemptible code in {func}",
+         skip=("preempt", "debug_", "processor_id", "this_cpu")),
+    # Any other BUG: the kernel's own words are the title.
+    _row("BUG", r"(?:^|: )BUG: (?P<msg>\S.*)", "BUG: {msg}", frame="none"),
+    # BUG_ON(): `kernel BUG at FILE:LINE!` then `invalid opcode`.
+    _row("KERNEL_BUG", rf"kernel BUG at (?P<file>mm/usercopy\.c):(?P<line>\d+)",
+         "BUG: bad usercopy in {func}", skip=("usercopy", "__check")),
+    _row("KERNEL_BUG", rf"kernel BUG at (?P<file>lib/list_debug\.c):(?P<line>\d+)",
+         "BUG: corrupted list in {func}"),
+    _row("KERNEL_BUG", rf"kernel BUG at (?P<file>{_SRC}):(?P<line>\d+)", "kernel BUG in {func}",
+         skip=("^skb_",)),
+    # Oopses. A user-space `traps: ... general protection fault ... error:0 in libc` is not one.
+    _row("GPF", r"general protection fault(?!.*\berror:\d+ in )", "general protection fault in {func}"),
+    _row("OOPS", r"stack segment: ", "stack segment fault in {func}"),
+    _row("OOPS", r"PANIC: double fault", "PANIC: double fault in {func}", attach="open"),
+    _row("OOPS", r"divide(?: |_)error: ", "divide error in {func}"),
+    _row("OOPS", r"invalid opcode: ", "invalid opcode in {func}", attach="open"),
+    _row("OOPS", r"(?:^|Internal error: )Oops(?: - \w+)?: ", "Oops in {func}", attach="open"),
+    # Lockdep.
+    _row("LOCKDEP", r"(?:WARNING|INFO): (?:possible circular locking dependency|possible recursive "
+         r"locking|possible irq lock inversion dependency|\S+-safe -> \S+-unsafe lock order) detected",
+         "possible deadlock in {func}", frame="lock", skip=_LOCKDEP_SKIP),
+    _row("LOCKDEP", r"(?:WARNING|INFO): inconsistent lock state", "inconsistent lock state in {func}"),
+    _row("LOCKDEP", r"WARNING: (?:\S+ )?(?P<what>bad unlock balance|held lock freed|lock held when "
+         r"returning to user space|still has locks held)", "WARNING: {what} in {func}", frame="lock"),
+    _row("LOCKDEP", r"(?P<level>WARNING|INFO): suspicious RCU usage",
+         "{level}: suspicious RCU usage in {func}", skip=("rcu", "kmem", "slab"),
+         detail=rf"^(?P<file>{_SRC}):(?P<line>\d+) "),
+    # Stalls and hangs.
+    _row("RCU_STALL", r"rcu_(?:preempt|sched|bh|tasks)\w* (?:self-)?detected(?: expedited)? stall",
+         "INFO: rcu detected stall in {func}", frame="stall", skip=("apic_timer_interrupt", "rcu")),
+    _row("HARD_LOCKUP", r"Watchdog detected hard LOCKUP on cpu", "watchdog: hard LOCKUP in {func}",
+         frame="stall"),
+    _row("HUNG_TASK", r"INFO: task .{0,100}? blocked (?:in I/O wait )?for more than \d+ seconds",
+         "INFO: task hung in {func}", frame="hang"),
+    # Panics. Most follow another report and say only that it was fatal.
+    _row("PANIC", r"Kernel panic - not syncing: (?P<msg>Fatal exception.*|.*panic_on_\w+ set.*|"
+         r"hung_task: blocked tasks|softlockup: hung tasks|Hard LOCKUP|Machine halted\.?)$",
+         "kernel panic: {msg}", frame="none", attach="last"),
+    _row("PANIC", rf"Kernel panic - not syncing: stack-protector: Kernel stack is corrupted in: "
+         rf"(?P<fn>{_FN})", "kernel panic: stack is corrupted in {func}", attach="open"),
+    _row("PANIC", r"Kernel panic - not syncing: (?P<msg>.*)", "kernel panic: {msg}", frame="none",
+         attach="open"),
+)
+
+# Frames that never name a bug: report machinery, allocators, locking and
+# string primitives. A compact version of syzkaller's skipPatterns.
+_GENERIC_FRAMES = (
+    "__sanitizer", "__asan", "kasan", "kmsan", "kcsan_setup_watchpoint", "check_memory_region",
+    "check_heap_object", "check_object", "print_address_description", "print_report",
+    "panic", "invalid_op", "report_bug", "fixup_bug", "handle_bug", "do_error", "_trap$|do_trap",
+    "show_stack", "show_regs", "dump_stack", "dump_backtrace", "warn_slowpath", "warn_bogus",
+    "__warn", "print_tainted",
+    "alloc_page", "k?v?(?:m|z|c)alloc", "krealloc", "kmem_cache", "allocate_slab", "slab_",
+    "^kv?free$",
+    "lockdep", "lock_acquire", "lock_release", "lock_class", "mark_lock", "(?:reacquire|mark)_held_locks",
+    "spin_lock", "spin_trylock", "spin_unlock", "(?:read|write)_(?:try)?lock", "(?:read|write)_unlock",
+    "^down$", "down_(?:read|write)", "up_(?:read|write)", "^mutex_", "^__mutex_", "^rt_mutex_",
+    "osq_(?:un)?lock", "bh_(?:en|dis)able",
+    "atomic(?:64)?_(?:dec|inc|read|set|or|xor|and|add|sub|fetch|xchg|cmpxchg|try)",
+    "(?:set|clear|change|test)_bit", "^refcount_", "^kref_", "ref_tracker",
+    "mem(?:cpy|cmp|set|chr|move|dup)", "str(?:n?cmp|n?cpy|lcpy|scpy|n?len|n?str|chr|n?dup)",
+    "copy_(?:to|from)_(?:user|iter)", "(?:put|get)_user", "might_fault", "might_sleep",
+    "__might_resched",
+    "list_(?:add|del|replace|move|splice)", "^rb_", "^__rb_", "_indirect_thunk_",
+    "printk", "snprintf", "va_format", "^dev_(?:info|notice|warn|err|alert|crit|emerg)",
+    "string", "pointer", "^crc\\d+", "hex_dump",
+    "debug_object", "__wake_up", "^complete$", "wait_for_completion", "finish_wait", "flush_work",
+    "__cancel_work_timer", "try_to_grab_pending", "cancel_work_sync", "queue_work",
+    "(?:flush|drain|destroy)_workqueue", "kthread_stop", "lock_timer_base", "__mod_timer",
+    "del_timer", "__timer_delete_sync",
+    "kobject_", "^device_(?:add|del|unregister|release|destroy)$", "sysfs_remove", "^put_device$",
+    "^(?:un)?lock_page", "folio_(?:alloc|unlock)", "filemap_alloc_folio", "__filemap_get_folio",
+    "do_read_cache_folio", "read_cache_page", "xas_(?:start|load|find)", "assertfail",
+    "(?:trace|lockdep)_(?:hard|soft)irq", "cleanup_srcu_struct", "__phys_addr",
+    "stack_trace_save", "arch_stack_walk", "do_(?:kernel|translation)_fault", "do_mem_abort",
+    "el1_abort", "el1h_64_sync",
+)
+
+# Syscall wrappers differ by arch and version; the title uses the bare name.
+_STRIP_PREFIXES = ("SYSC_", "SyS_", "sys_", "__x64_", "__ia32_", "__arm64_", "____sys_", "___sys_",
+                   "__sys_", "__se_", "__se_sys_", "__do_sys_", "compat_SYSC_", "compat_SyS_", "ksys_")
+
+# Stalls: the looping code shows up at a random depth; the frame just above
+# the syscall or worker entry identifies it (syzkaller's linuxStallAnchorFrames).
+_STALL_ANCHORS = re.compile("|".join((
+    "process_one_work", "do_syscall_", "do_fast_syscall_", "sysenter_dispatch", "el0_svc_handler",
+    "invoke_syscall", "ret_fast_syscall", "netif_receive_skb", "do_softirq", "call_timer_fn",
+    "_run_timers", "run_timer_softirq", "hrtimer_run", "run_ksoftirqd", "smpboot_thread_fn",
+    "^kthread$", "start_secondary", "cpu_startup_entry", "ret_from_fork", "vfs_write", "vfs_read",
+    "vfs_iter_read", "vfs_iter_write", "new_sync_read", "new_sync_write", "vfs_ioctl",
+    "ksys_ioctl", "compat_ioctl", "compat_sys_ioctl", "do_iter_readv_writev", "^call_mmap",
+    "mmap_region", "do_mmap", "do_dentry_open", "vfs_open", "^sock_sendmsg", "^sock_recvmsg",
+    r"^(?:sys_)?(?:socketpair|connect|ioctl)", "__do_fault", "do_page_fault", "^page_fault$",
+    "__fput", "task_work_run", "exit_to_usermode", "smp_call_function", "tasklet_action")))
+
+# Hung tasks: they block wherever the real culprit left them; group the common
+# culprits, otherwise take the first frame that is not waiting machinery.
+_HANG_ANCHORS = {"rtnl_lock": "rtnl_lock", "synchronize_rcu": "synchronize_rcu",
+                 "synchronize_srcu": "synchronize_rcu", "synchronize_net": "synchronize_rcu",
+                 "synchronize_sched": "synchronize_rcu"}
+_HANG_SKIP = ("sched", "_lock", "_slowlock", "down", "rwsem", "completion", "kthread", "wait",
+              "synchronize", "context_switch", "__switch_to", "cancel_delayed_work", "rcu_barrier")
+
+_CUT_HERE = re.compile(r"-+\[ cut here \]-+")
+_RULER = re.compile(r"^={20,}$")                 # KASAN, UBSAN and lockdep frame reports with it
+_END = re.compile(r"---\[ end (?:trace|Kernel panic)")
+_PREAMBLE_REACH = 3     # lines a WARN message may take between `cut here` and `WARNING:`
+
+_TRACE_START = re.compile(r"^\s*Call [Tt]race:")
+_TRACE_END = re.compile(
+    r"^\s*(?:</TASK>|---\[ end |Allocated by task|Freed by task|Last potentially "
+    r"related|Second to last potentially|The buggy address|Memory state around|Showing all locks "
+    r"held|NMI backtrace for|Sending NMI|Kernel Offset:|Modules linked in:|Kernel panic - not syncing)")
+_IRQ_END = re.compile(r"^\s*(?:</IRQ>|<EOI>)")
+# ` func+0x1a/0x40 [mod]`, ` [<ffffffff81234567>] func+0x1a/0x40`, symbolized
+# ` func+0x1a/0x40 arch/x86/kvm/x86.c:12` and decoded ` func (arch/x86/kvm/x86.c:12)`.
+# Symbolized `func file:line [inline]` lines are not frames of their own.
+_FRAME = re.compile(r"^\s*(?:<(?:IRQ|EOI|NMI)>\s*)?(?:\[<?(?:0x)?[0-9a-f]+>?\]\s*){0,2}(?P<unreliable>\?\s+)?"
+                    r"(?P<name>[A-Za-z_][\w.]*)(?:\+0x[0-9a-f]+/0x[0-9a-f]+|\s+\([^()]*\.\w+:\d+)")
+_RIP = re.compile(r"\b(?:RIP|EIP|NIP|pc|PC is at)\s*:?\s*(?:[0-9a-f]{4}:)?(?:\[<?[0-9a-f]+>?\]\s*){0,2}"
+                  r"(?P<name>[A-Za-z_][\w.]*)\+0x[0-9a-f]+")
+_AT = re.compile(r"\bat: (?:\[<?[0-9a-f]+>?\]\s*)?(?P<name>[A-Za-z_][\w.]*)\+0x")
+
+_TITLE_FIXES = (   # syzkaller's dynamicTitleReplacement: keep titles stable across runs
+    (re.compile(r"([A-Za-z][\w.]*)\+0x[0-9a-f]+/0x[0-9a-f]+"), r"\1"),
+    (re.compile(r"([^A-Za-z0-9])(?:0x)?[0-9a-f]{6,}"), r"\1ADDR"),
+    (re.compile(r"(\.\w+)(?::\d+)+"), r"\1:LINE"),
+    (re.compile(r"CPU#\d+"), "CPU"),
+    (re.compile(r"(\W)\d+(?=\W|$)"), r"\1NUM"),
+)
+_MAX_TITLE = 120
+
+
+@dataclass
+class Report:
+    """One kernel report.
+
+    function is the frame the title names (generic frames skipped, syscall
+    prefixes stripped); file/line say where the kernel reports it fired.
+    frames are the reliable frames (not `? `) of the first call trace, kernel
+    RIPs inside it included. raw is the report's text; seqs the sequence
+    numbers of the records it spans.
+    """
+    type: str
+    title: str
+    file: str | None = None
+    line: int | None = None
+    function: str | None = None
+    frames: list[str] = field(default_factory=list)
+    raw: str = ""
+    seqs: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Span:
+    rtype: ReportType
+    match: re.Match
+    start: int          # first line: `cut here`, the ruler, or the header itself
+    header: int
+    end: int            # last line, inclusive
+    ruler: str | None   # the ruler that opened it: the same ruler closes it
+
+
+def _match_start(text: str) -> tuple[ReportType, re.Match] | None:
+    for rtype in REPORT_TYPES:
+        m = rtype.start.search(text)
+        if m:
+            return rtype, m
+    return None
+
+
+def _group(lines: list[str]) -> list[_Span]:
+    spans: list[_Span] = []
+    cur: _Span | None = None
+    preamble: int | None = None
+    for i, text in enumerate(lines):
+        if cur and (_END.search(text) or (cur.ruler and i > cur.header and text == cur.ruler)):
+            cur.end, cur = i, None
+            continue
+        if _CUT_HERE.search(text) or _RULER.match(text):
+            preamble = i
+        found = _match_start(text)
+        if not found:
+            if cur:
+                cur.end = i
+            continue
+        rtype, m = found
+        if rtype.attach != "new" and cur:
+            cur.end = i
+            continue
+        if rtype.attach == "last" and spans:
+            cur = spans[-1]
+            cur.end = i
+            continue
+        start = i
+        if (preamble is not None and i - preamble <= _PREAMBLE_REACH
+                and (not spans or preamble > spans[-1].header)):
+            start = preamble
+        if spans and spans[-1].end >= start:       # the open report ends where this one begins
+            spans[-1].end = start - 1
+        cur = _Span(rtype, m, start, i, i, lines[start] if _RULER.match(lines[start]) else None)
+        spans.append(cur)
+    return spans
+
+
+@dataclass
+class _Trace:
+    frames: list[str] = field(default_factory=list)      # reliable frames and kernel RIPs
+    after_irq: int = 0      # where the code the timer interrupt hit starts, if it did
+
+
+@dataclass
+class _Stack:
+    rips: list[str] = field(default_factory=list)        # kernel RIPs before the first trace
+    at: list[str] = field(default_factory=list)          # lockdep `at: func+0x...` before it
+    traces: list[_Trace] = field(default_factory=list)   # every `Call Trace:` block, in order
+
+    @property
+    def first(self) -> list[str]:
+        return self.traces[0].frames if self.traces else []
+
+
+def _base(name: str) -> str:
+    return name.split(".", 1)[0]       # foo.isra.0, foo.cold -> foo
+
+
+def _read_stack(lines: list[str]) -> _Stack:
+    st = _Stack()
+    cur: _Trace | None = None
+    for text in lines:
+        if _TRACE_START.match(text):
+            cur = _Trace()
+            st.traces.append(cur)
+        elif cur is None:
+            if not st.traces and (m := _RIP.search(text)):
+                st.rips.append(_base(m["name"]))
+            elif not st.traces and (m := _AT.search(text)):
+                st.at.append(_base(m["name"]))
+        elif _TRACE_END.match(text):
+            cur = None
+        elif m := _RIP.search(text):
+            cur.frames.append(_base(m["name"]))
+        else:
+            if _IRQ_END.match(text):     # old kernels print `<EOI>  [<...>] frame` on one line
+                cur.after_irq = cur.after_irq or len(cur.frames)
+            m = _FRAME.match(text)
+            if m and not m["unreliable"] and not text.endswith("(unreliable)"):
+                cur.frames.append(_base(m["name"]))
+                if m["name"].endswith("apic_timer_interrupt"):
+                    cur.after_irq = cur.after_irq or len(cur.frames)
+    return st
+
+
+def _strip(frame: str) -> str:
+    return min((frame[len(p):] for p in _STRIP_PREFIXES if frame.startswith(p)), key=len, default=frame)
+
+
+def _stall_frame(frames: list[str]) -> str | None:
+    prev = frames[0] if frames else None     # an anchor on top names itself
+    for frame in frames:
+        if _STALL_ANCHORS.search(frame):
+            return "smp_call_function" if "smp_call_function" in frame else prev
+        prev = frame
+    return None
+
+
+def _hang_frame(frames: list[str]) -> str | None:
+    for frame in frames:
+        for anchor, name in _HANG_ANCHORS.items():
+            if anchor in frame:
+                return name
+    return next((f for f in frames if not any(s in f for s in _HANG_SKIP)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _skip_pattern(extra: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(_GENERIC_FRAMES + extra))
+
+
+def _choose_frame(rtype: ReportType, header_fn: str | None, st: _Stack) -> str | None:
+    if rtype.frame == "none":
+        return None
+    if rtype.frame == "stall":
+        # The stalled CPU's trace is the one interrupted by the timer or NMI;
+        # the frames from where its task context resumes are the looping code.
+        irq = next((t for t in st.traces if t.after_irq), None)
+        candidates = irq.frames[irq.after_irq:] if irq else st.rips + st.first
+    elif rtype.frame == "hang":
+        candidates = st.first
+    elif rtype.frame == "lock":
+        candidates = st.at + st.first
+    else:
+        candidates = ([header_fn] if header_fn else []) + st.rips + st.first
+    skip = _skip_pattern(rtype.skip)
+    frames = [_strip(f) for f in candidates if not skip.search(f)]
+    if rtype.frame == "stall":
+        return _stall_frame(frames)
+    if rtype.frame == "hang":
+        return _hang_frame(frames)
+    return frames[0] if frames else None
+
+
+def _stable_title(title: str) -> str:
+    for pattern, repl in _TITLE_FIXES:
+        title = pattern.sub(repl, title)
+    title = "".join(ch if ch.isprintable() else " " for ch in title)
+    return " ".join(title.split())[:_MAX_TITLE].rstrip()
+
+
+def _build(span: _Span, lines: list[str], raw_lines: list[str], seqs: list[int]) -> Report:
+    rtype = span.rtype
+    body = lines[span.header + 1:span.end + 1]
+    fields = {k: v for k, v in span.match.groupdict().items() if v is not None}
+    if rtype.detail:
+        for text in body:
+            if m := rtype.detail.search(text):
+                fields = {**{k: v for k, v in m.groupdict().items() if v is not None}, **fields}
+                break
+    st = _read_stack(body)
+    func = _choose_frame(rtype, fields.get("fn") and _base(fields["fn"]), st)
+    # syzkaller's word for a report whose frames could not be read
+    title = rtype.title.format_map(defaultdict(str, fields, func=func or "corrupted"))
+    return Report(type=rtype.name, title=_stable_title(title), file=fields.get("file"),
+                  line=int(fields["line"]) if "line" in fields else None, function=func,
+                  frames=st.first, raw="\n".join(raw_lines[span.start:span.end + 1]),
+                  seqs=list(dict.fromkeys(seqs[span.start:span.end + 1])))
+
+
+def parse_reports(records: Iterable[Record]) -> list[Report]:
+    """The reports in these records, in log order."""
+    seqs, lines = [], []
+    for rec in records:
+        for text in rec.lines():
+            seqs.append(rec.seq)
+            lines.append(text.rstrip())
+    # Matching works on left-stripped lines, so that indented excerpts (mails,
+    # commit messages) parse too; raw keeps the text as it was.
+    stripped = [text.lstrip() for text in lines]
+    return [_build(span, stripped, lines, seqs) for span in _group(stripped)]
