@@ -17,6 +17,10 @@ def pool():
     return int(open(POOL + "nr_hugepages").read())
 
 
+def free():
+    return int(open(POOL + "free_hugepages").read())
+
+
 @pytest.fixture
 def writable_pool():
     from conftest import need
@@ -27,9 +31,10 @@ def writable_pool():
 
 
 def test_grow_and_restore(writable_pool, tmp_path):
+    want = free() + 8        # more than is free now, whatever the pool held before
     with HostChanges(journal=tmp_path / "j.json") as hc:
-        assert hc.ensure_hugepages(2048, 8) is None
-        assert pool() >= writable_pool + 8 - int(open(POOL + "free_hugepages").read()) or pool() >= 8
+        assert hc.ensure_hugepages(2048, want) is None
+        assert free() >= want and pool() == writable_pool + 8
         assert (tmp_path / "j.json").exists()
     assert pool() == writable_pool and not (tmp_path / "j.json").exists()
 
@@ -52,7 +57,7 @@ def test_killed_run_is_restored_by_the_next(writable_pool, tmp_path):
         import os, signal
         from kvmsplit.hostchanges import HostChanges
         hc = HostChanges(journal=__import__('pathlib').Path({str(journal)!r}))
-        assert hc.ensure_hugepages(2048, 4) is None
+        assert hc.ensure_hugepages(2048, int(open({POOL!r} + "free_hugepages").read()) + 4) is None
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     p = subprocess.run([sys.executable, "-c", code])

@@ -121,10 +121,13 @@ def cmd_run(args) -> int:
           f"paging {facts['virtualization']['paging']}, tdp_mmu="
           f"{_pv(facts, 'tdp_mmu')}, eager_page_split={_pv(facts, 'eager_page_split')}; "
           f"results in {out}/", file=sys.stderr)
+    from .report.cli import default_sinks
     rr = run_suite(scenarios, facts, out, options=opts, allow_host_changes=not args.no_host_changes,
-                   argv=sys.argv, on_result=lambda i, r: progress.result(r))
-    print(table(rr, tty=sys.stdout.isatty()))
-    print(f"\nresults: {out / 'results.json'}")
+                   argv=sys.argv, on_result=lambda i, r: progress.result(r),
+                   sinks=default_sinks(args))
+    human = sys.stderr if args.ktap else sys.stdout      # --ktap owns stdout
+    print(table(rr, tty=human.isatty()), file=human)
+    print(f"\nresults: {out / 'results.json'}", file=human)
     return EXIT_OK if rr.ok else EXIT_FAILED
 
 
@@ -157,6 +160,10 @@ def cmd_kernellog(args) -> int:
 
 # -- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .report.cli import add_parsers as add_report_parsers
+    from .report.cli import add_run_options
+    from .selftests.cli import add_parser as add_selftests_parser
+
     p = _Parser(prog="kvmsplit", description="Real-hardware tests of KVM dirty logging and huge-page splitting.")
     p.add_argument("--version", action="version", version=f"kvmsplit {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -189,12 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also treat user-written /dev/kmsg lines as kernel reports (for testing kvmsplit)")
     sp.add_argument("--inject-eio", metavar="IOCTL", help=argparse.SUPPRESS)
     sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
+    add_run_options(sp)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log")
     sp.add_argument("file", help="dmesg output, a console log or a /dev/kmsg dump; - for stdin")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_kernellog)
+
+    add_report_parsers(sub, _Parser)     # history, compare, rerun, report
+    add_selftests_parser(sub, _Parser)   # selftests build|list|run|parse
     return p
 
 

@@ -99,6 +99,16 @@ class RunRow:
         return "done" if self.finished else "running or killed"
 
 
+@dataclass
+class Sample:
+    """One phase time of one stored run."""
+    run: tuple[str, float]      # (run_id, started): run ids alone may repeat
+    kernel: str
+    series: dict | None
+    phase: str
+    seconds: float
+
+
 class History:
     def __init__(self, path: Path | str | None = None):
         self.path = Path(path) if path else default_db()
@@ -209,7 +219,7 @@ class History:
         with self._db() as db:
             row = db.execute("SELECT run FROM runs WHERE id = ?", (pk,)).fetchone()
             if row is None:
-                raise BadInputError(f"no run {pk} in {self.path} (see `kvmsplit history`)")
+                raise NoInputError(f"no run {pk} in {self.path} (see `kvmsplit history`)")
             scen = db.execute("SELECT result FROM scenarios WHERE run = ? ORDER BY idx", (pk,))
             data = {**json.loads(row[0]), "scenarios": [json.loads(s) for (s,) in scen]}
         return from_json(data, f"{self.path}: run {pk}")
@@ -223,22 +233,20 @@ class History:
                              (run_id,)).fetchone()
         return row[0] if row else None
 
-    def phase_samples(self, host: str, sr: ScenarioResult,
-                      before: float) -> dict[str, dict[tuple[str, float], float]]:
-        """Phase name -> {(run_id, started): seconds} of the same scenario (same
-        name and parameters) in the runs on host that started before `before`."""
+    def phase_samples(self, host: str, sr: ScenarioResult, before: float) -> list[Sample]:
+        """The phase times of the same scenario (same name and parameters) in
+        the runs on host that started before `before`."""
         if not self.exists:
-            return {}
-        out: dict[str, dict[tuple[str, float], float]] = {}
+            return []
         with self._db() as db:
-            for run_id, started, phase, dur in db.execute(
-                    "SELECT r.run_id, r.started, p.name, p.duration_s FROM phases p"
-                    " JOIN scenarios s ON s.run = p.run AND s.idx = p.idx"
-                    " JOIN runs r ON r.id = p.run"
-                    " WHERE r.host = ? AND s.name = ? AND s.params = ? AND r.started < ?",
-                    (host, sr.name, _params(sr), before)):
-                out.setdefault(phase, {})[(run_id, started)] = dur
-        return out
+            rows = db.execute(
+                "SELECT r.run_id, r.started, r.kernel, r.series, p.name, p.duration_s FROM phases p"
+                " JOIN scenarios s ON s.run = p.run AND s.idx = p.idx"
+                " JOIN runs r ON r.id = p.run"
+                " WHERE r.host = ? AND s.name = ? AND s.params = ? AND r.started < ?",
+                (host, sr.name, _params(sr), before)).fetchall()
+        return [Sample((run_id, started), kernel, json.loads(series) if series else None, phase, dur)
+                for run_id, started, kernel, series, phase, dur in rows]
 
     def run_source(self, pk: int) -> str:
         """A stored run as rerun's argument (see digest.rerun_command)."""
@@ -282,8 +290,9 @@ def fmt_time(ts: float) -> str:
 @dataclass
 class LoadedRun:
     rr: RunResult
-    ref: str        # how to name it to a person: "run 12" or the file
-    source: str     # how `kvmsplit rerun` takes it (digest.rerun_command)
+    ref: str                    # how to name it to a person: "run 12" or the file
+    source: str                 # how `kvmsplit rerun` takes it (digest.rerun_command)
+    path: Path | None = None    # the results.json, when it came from one
 
 
 def open_run(ref: str, history: History) -> LoadedRun:
@@ -294,7 +303,7 @@ def open_run(ref: str, history: History) -> LoadedRun:
         return LoadedRun(history.load(pk), f"run {pk}", history.run_source(pk))
     p = results_path(ref)
     if p.exists() or ref.endswith(".json") or "/" in ref:
-        return LoadedRun(load_results(p), str(p), results_source(p))
+        return LoadedRun(load_results(p), str(p), results_source(p), p)
     pk = history.find(ref)
     if pk is None:
         raise NoInputError(f"{ref}: neither a results file nor a run in {history.path}")

@@ -13,9 +13,10 @@ COLOR = {"PASS": "32", "FAIL": "31", "ERROR": "35", "SKIP": "33", "MISS": "90"}
 class Progress:
     """One line, rewritten in place on a terminal; plain lines otherwise."""
 
-    def __init__(self, total: int, stream=sys.stderr, verbose: bool = False):
-        self.total, self.stream = total, stream
-        self.tty = stream.isatty()
+    def __init__(self, total: int, stream=None, verbose: bool = False):
+        # looked up per call, not bound at import: pytest's capture swaps sys.stderr
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.verbose = verbose
         self.done = 0
         self.t0 = time.monotonic()

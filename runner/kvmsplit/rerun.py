@@ -4,6 +4,8 @@ A scenario's dict in the results is complete (seed included), so rebuilding
 it from there runs exactly what ran before. What the run's command line
 changed for every scenario is carried over where the results record it:
 an --expect override (in each expectation) and the patch series.
+Results of the kernel's selftests (kind "kselftest") go back to
+kvmsplit.selftests, which rebuilds each case from its scenario dict.
 """
 from __future__ import annotations
 
@@ -51,8 +53,10 @@ def cmd_rerun(args) -> int:
     kinds = sorted({kind(s) for s in chosen})
     if kinds == ["kselftest"]:
         return _rerun_selftests(args, loaded, chosen)
-    if kinds != ["scenario"]:
+    if len(kinds) > 1:
         raise UsageError(f"cannot rerun {', '.join(kinds)} results together; pick one kind with --only")
+    if kinds != ["scenario"]:
+        raise UsageError(f"do not know how to rerun {kinds[0]} results")
     return _rerun_scenarios(args, loaded, chosen, default_sinks(args, series=loaded.rr.series))
 
 
@@ -86,7 +90,7 @@ def _rerun_scenarios(args, loaded: LoadedRun, chosen: list[ScenarioResult], sink
     facts = _facts()
     check_fits_host(scenarios, facts)
     out = _outdir(args)
-    progress = Progress(len(scenarios))
+    progress = Progress(len(scenarios), stream=sys.stderr)
     opts = RunOptions(expect=args.expect or expect_override(chosen), phase_timeout=args.phase_timeout,
                       on_phase=progress.phase)
     print(f"kvmsplit: rerunning {len(scenarios)} scenario(s) of {loaded.ref} on "
@@ -110,7 +114,7 @@ def _rerun_selftests(args, loaded: LoadedRun, chosen: list[ScenarioResult]) -> i
     facts = _facts()
     b = build(say=lambda m: print(f"kvmsplit: {m}", file=sys.stderr))
     out = _outdir(args)
-    progress = Progress(len(cases))
+    progress = Progress(len(cases), stream=sys.stderr)
     print(f"kvmsplit: rerunning {len(cases)} selftest scenario(s) of {loaded.ref} with the "
           f"selftests of {b.version}; results in {out}/", file=sys.stderr)
     rr = run_selftests(cases, b, facts, out, allow_host_changes=not args.no_host_changes,

@@ -1,0 +1,101 @@
+"""Run manifest cases as kvmsplit scenarios, into the same results model as
+`kvmsplit run`.
+
+Each case runs alone under the kernel-log guard, so a kernel report is
+attributed to the test that caused it. results.json is rewritten after every
+case: an interrupt keeps what finished, and the case in flight is an ERROR.
+Each case's full output (both streams, interleaved) is kept in logs/ next to
+results.json; results.json holds the parsed parts and the tails.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..hostchanges import HostChanges
+from ..kernellog import KernelLogGuard
+from ..results import ERROR, MISS, SKIP, RunResult, ScenarioResult
+from . import process
+from .build import SelftestBuild
+from .manifest import HUGEPAGE_SIZES, SelftestCase
+from .verdict import record
+
+
+def log_name(case: SelftestCase) -> str:
+    return "logs/" + re.sub(r"[^\w.=+-]+", "_", case.name).strip("_") + ".log"
+
+
+def _skip(res: ScenarioResult, why: str) -> ScenarioResult:
+    res.verdict, res.reasons, res.duration_s = SKIP, [why], 0.0
+    return res
+
+
+def run_case(case: SelftestCase, build: SelftestBuild, facts: dict, host: HostChanges,
+             outdir: Path, *, accept_user_log: bool = False) -> ScenarioResult:
+    res = ScenarioResult(name=case.name, scenario=case.to_dict())
+    res.started = time.time()
+    binary = build.binary(case.test)
+    res.extra = {"command": [str(binary), *case.args], "build": build.to_dict()}
+    if not binary.exists():
+        return _skip(res, f"the KVM selftests of {build.version} have no {case.test}")
+    why = case.unmet(facts)
+    for size, count in case.hugepages.items():
+        why = why or host.ensure_hugepages(HUGEPAGE_SIZES[size], count)
+    if why:
+        return _skip(res, why)
+
+    log = outdir / log_name(case)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    res.extra["log"] = log_name(case)
+    guard = KernelLogGuard(accept_user=accept_user_log)
+    guard.start()
+    try:
+        # cwd: a crashing test's core file (core_pattern permitting) lands next
+        # to its log, not in the user's working directory
+        proc = process.run(res.extra["command"], case.timeout, log=log, cwd=log.parent)
+    except OSError as e:       # it could not even start: not executable, wrong architecture
+        res.verdict, res.reasons, res.duration_s = ERROR, [f"cannot run {binary}: {e.strerror}"], 0.0
+        return res
+    finally:
+        res.kernel_log = guard.stop().to_dict()
+    record(res, proc, case.timeout)
+    return res
+
+
+def run_selftests(cases: list[SelftestCase], build: SelftestBuild, facts: dict, outdir: Path, *,
+                  allow_host_changes: bool = True, accept_user_log: bool = False,
+                  argv: list[str] | None = None,
+                  on_start: Callable[[SelftestCase], None] | None = None,
+                  on_result: Callable[[int, ScenarioResult], None] | None = None) -> RunResult:
+    rr = RunResult(host=facts, argv=list(argv if argv is not None else sys.argv),
+                   kvmsplit_version=__version__)
+    rr.scenarios = [ScenarioResult(name=c.name, scenario=c.to_dict()) for c in cases]
+    rr.write(outdir)
+    current = None
+    try:
+        with HostChanges(allowed=allow_host_changes) as host:
+            rr.host_changes = host.log
+            for i, case in enumerate(cases):
+                current = i
+                if on_start:
+                    on_start(case)
+                rr.scenarios[i] = run_case(case, build, facts, host, outdir,
+                                           accept_user_log=accept_user_log)
+                current = None
+                rr.write(outdir)
+                if on_result:
+                    on_result(i, rr.scenarios[i])
+    except BaseException:
+        rr.interrupted = True
+        if current is not None and rr.scenarios[current].verdict == MISS:
+            rr.scenarios[current].verdict = ERROR
+            rr.scenarios[current].reasons = ["interrupted"]
+        raise
+    finally:
+        rr.finished = time.time()
+        rr.write(outdir)
+    return rr
