@@ -4,7 +4,6 @@ On this development host (PVM, shadow paging, tdp_mmu=N) the right verdict
 is "lazy split, clean". On a TDP host the same tests expect eager: the
 expectation comes from the probed facts, never from the test.
 """
-import errno
 import os
 import threading
 

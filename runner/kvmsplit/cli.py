@@ -140,14 +140,9 @@ def _pv(facts, name):
 # -- kernellog ------------------------------------------------------------------------------
 def cmd_kernellog(args) -> int:
     """Scan a saved kernel log (dmesg, console, /dev/kmsg dump) for reports."""
-    from .errors import NoInputError
+    from .errors import read_input
     from .kernellog import parse_log_text, parse_reports
-    try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(errors="replace")
-    except FileNotFoundError:
-        raise NoInputError(f"{args.file}: no such file") from None
-    except OSError as e:
-        raise NoInputError(f"{args.file}: {e.strerror}") from None
+    text = sys.stdin.read() if args.file == "-" else read_input(args.file, errors="replace")
     reports = parse_reports(parse_log_text(text))
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=1))

@@ -272,7 +272,7 @@ class ScenarioRun:
     def _harvest(self) -> tuple[np.ndarray, dict]:
         """The dirty set as KVM reports it (bool per test-region page), and
         mode-specific counters."""
-        s, vm = self.s, self.m.vm
+        s = self.s
         got = np.zeros(s.npages, dtype=bool)
         info: dict = {}
         per_slot = s.slot_size >> 12

@@ -41,3 +41,14 @@ class UnavailableError(UserError):
 
 class NoKvmError(UserError):
     exit_code = EXIT_NO_KVM
+
+
+def read_input(path, what: str = "file", errors: str = "strict") -> str:
+    """The text of a file the user named, or a one-line NoInputError."""
+    from pathlib import Path
+    try:
+        return Path(path).read_text(errors=errors)
+    except FileNotFoundError:
+        raise NoInputError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise NoInputError(f"{path}: {e.strerror}") from None

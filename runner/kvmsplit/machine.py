@@ -8,7 +8,6 @@ guest costs a timeout, never a hung runner.
 """
 from __future__ import annotations
 
-import errno
 import queue
 import signal
 import threading

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .errors import BadInputError, NoInputError, UnavailableError
+from .errors import BadInputError, UnavailableError, read_input
 from .guest.ucall import PAGE_SHIFTS, PATTERNS
 from .memory import GB, MB, Backing
 
@@ -185,12 +185,7 @@ def validate(s: Scenario) -> None:
 def load_file(path: str | Path) -> list[Scenario]:
     """Scenarios from a TOML file: optional [defaults] and [[scenario]] tables."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise NoInputError(f"{p}: no such scenario file") from None
-    except OSError as e:
-        raise NoInputError(f"{p}: {e.strerror}") from None
+    text = read_input(p, "scenario file")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

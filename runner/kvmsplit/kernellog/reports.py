@@ -118,9 +118,9 @@ REPORT_TYPES: tuple[ReportType, ...] = (
     # Any other BUG: the kernel's own words are the title.
     _row("BUG", r"(?:^|: )BUG: (?P<msg>\S.*)", "BUG: {msg}", frame="none"),
     # BUG_ON(): `kernel BUG at FILE:LINE!` then `invalid opcode`.
-    _row("KERNEL_BUG", rf"kernel BUG at (?P<file>mm/usercopy\.c):(?P<line>\d+)",
+    _row("KERNEL_BUG", r"kernel BUG at (?P<file>mm/usercopy\.c):(?P<line>\d+)",
          "BUG: bad usercopy in {func}", skip=("usercopy", "__check")),
-    _row("KERNEL_BUG", rf"kernel BUG at (?P<file>lib/list_debug\.c):(?P<line>\d+)",
+    _row("KERNEL_BUG", r"kernel BUG at (?P<file>lib/list_debug\.c):(?P<line>\d+)",
          "BUG: corrupted list in {func}"),
     _row("KERNEL_BUG", rf"kernel BUG at (?P<file>{_SRC}):(?P<line>\d+)", "kernel BUG in {func}",
          skip=("^skb_",)),

@@ -2,7 +2,6 @@
 and VM creation."""
 from __future__ import annotations
 
-import ctypes as C
 import errno
 import os
 

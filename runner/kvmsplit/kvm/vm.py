@@ -3,7 +3,6 @@ and vCPU creation. Verbs follow the selftests' kvm_util.c naming."""
 from __future__ import annotations
 
 import ctypes as C
-import os
 
 from . import uapi
 from .fd import KvmFd

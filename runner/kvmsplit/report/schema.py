@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jsonschema
 
-from ..errors import BadInputError, NoInputError
+from ..errors import BadInputError, read_input
 from ..results import RunResult
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
@@ -44,12 +44,7 @@ def results_path(path: str | Path) -> Path:
 
 def load_results(path: str | Path) -> RunResult:
     p = results_path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise NoInputError(f"{p}: no such results file") from None
-    except OSError as e:
-        raise NoInputError(f"{p}: {e.strerror}") from None
+    text = read_input(p, "results file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import EXIT_FAILED, EXIT_OK, BadInputError, NoInputError, NoKvmError, UsageError
+from ..errors import EXIT_FAILED, EXIT_OK, BadInputError, NoKvmError, UsageError, read_input
 
 
 def _say(msg: str) -> None:
@@ -71,12 +71,7 @@ def cmd_parse(args) -> int:
     from . import ktap
     from .parse import parse_assertion, parse_timings
     path = Path(args.file)
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        raise NoInputError(f"{path}: no such file") from None
-    except OSError as e:
-        raise NoInputError(f"{path}: {e.strerror}") from None
+    text = read_input(path, errors="replace")
     try:
         doc = ktap.parse(text)
     except ktap.KtapError as e:

@@ -27,7 +27,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInputError, NoInputError
+from ..errors import BadInputError, read_input
 from ..hostinfo import module_param, param_value
 from ..paths import REPO_ROOT
 
@@ -110,12 +110,9 @@ class SelftestCase:
 
 def load(path: Path | str | None = None) -> list[SelftestCase]:
     p = Path(path) if path is not None else DEFAULT_MANIFEST
+    text = read_input(p, "manifest")
     try:
-        doc = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise NoInputError(f"{p}: no such manifest") from None
-    except OSError as e:
-        raise NoInputError(f"{p}: {e.strerror}") from None
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BadInputError(f"{p}: not valid TOML: {e}") from None
     return expand(doc, str(p))
