@@ -137,6 +137,37 @@ def _pv(facts, name):
     return "Y" if v is True else "N" if v is False else v
 
 
+# -- vm ----------------------------------------------------------------------------------------
+def cmd_vm(args) -> int:
+    """Boot a kernel under test with virtme-ng and run a kvmsplit command inside."""
+    from . import virtme
+    from .history import History, HistorySink
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    kernel = virtme.KernelUnderTest.resolve(args.kernel, args.kernel_tree)
+    accel = virtme.choose_accel(None if args.accel == "auto" else args.accel)
+    out = Path(virtme.output_dir_of(command) or Path("results") / time.strftime("vm-%Y%m%d-%H%M%S"))
+    print(f"kvmsplit vm: booting {kernel.image} with {accel.reason}; results in {out}/", file=sys.stderr)
+    outcome = virtme.boot_and_run(kernel, command, out.resolve(), accel=accel, cpus=args.cpus,
+                                  memory=args.memory, timeout=args.timeout, append=args.append,
+                                  panic_after=args.inject_panic_after,
+                                  echo=lambda line: print(line, file=sys.stderr))
+    rr = virtme.record(outcome, kernel, accel, out, sys.argv)
+    sink = HistorySink(History(args.db))      # the VM's own history was on its tmpfs
+    sink.started(rr, out)
+    for i in range(len(rr.scenarios)):
+        sink.scenario_done(rr, i, out)
+    sink.finished(rr, out)
+    if outcome.state != "done":
+        print(f"kvmsplit vm: {rr.scenarios[-1].reasons[0] if rr.scenarios else outcome.state}; "
+              "last console lines:", file=sys.stderr)
+        for line in outcome.console[-15:]:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"kvmsplit vm: {outcome.release} booted in {outcome.boot_s:.1f}s; command exited {outcome.rc}",
+          file=sys.stderr)
+    return outcome.rc
+
+
 # -- kernellog ------------------------------------------------------------------------------
 def cmd_kernellog(args) -> int:
     """Scan a saved kernel log (dmesg, console, /dev/kmsg dump) for reports."""
@@ -193,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
     add_run_options(sp)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("vm", help="boot a kernel under test (virtme-ng) and run a kvmsplit command inside",
+                        description="kvmsplit vm --kernel /boot/vmlinuz-... -- kvmsplit run --output DIR")
+    sp.add_argument("--kernel", metavar="IMAGE", help="a bzImage/vmlinuz to boot")
+    sp.add_argument("--kernel-tree", metavar="PATH", help="a built kernel tree (its arch/x86/boot/bzImage)")
+    sp.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                    help="auto: nested KVM where the host has vmx/svm, else TCG with SVM+NPT emulated")
+    sp.add_argument("--cpus", type=int, default=2)
+    sp.add_argument("--memory", default="2G")
+    sp.add_argument("--timeout", type=float, default=1800, metavar="S", help="for boot and command together")
+    sp.add_argument("--append", metavar="ARGS",
+                    help="kernel command line options for the kernel under test, e.g. kvm.eager_page_split=0")
+    sp.add_argument("--db", metavar="PATH", help="history database to record the run in")
+    sp.add_argument("--inject-panic-after", type=float, metavar="S", help=argparse.SUPPRESS)
+    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- kvmsplit COMMAND ... (default: kvmsplit run)")
+    sp.set_defaults(func=cmd_vm)
 
     sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log")
     sp.add_argument("file", help="dmesg output, a console log or a /dev/kmsg dump; - for stdin")

@@ -1,0 +1,108 @@
+"""`kvmsplit vm`: a real kernel under test (Debian's, from linux-image-amd64)
+booted with virtme-ng, kvmsplit run inside it, results brought out. On a host
+without vmx/svm this is TCG with SVM+NPT emulated: a real TDP MMU, so eager
+splits are expected and must be seen. Also the VM's own failures: a real
+kernel panic, a timeout, a kernel that does not boot."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import need
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86 not installed")
+    need(shutil.which("busybox") is not None, "busybox not installed (virtme-ng needs it)")
+    need(shutil.which("vng", path=os.path.dirname(sys.executable)) or shutil.which("vng"),
+         "virtme-ng not installed")
+    images = sorted(glob.glob("/boot/vmlinuz-*"))
+    need(bool(images), "no kernel in /boot (apt-get install linux-image-amd64)")
+    return images[-1]
+
+
+def vm(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "kvmsplit", "vm", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def results(d):
+    return json.loads((d / "results.json").read_text())
+
+
+def no_qemu_left():
+    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout.split()
+    live = [p for p in out if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    return not live
+
+
+def test_eager_split_seen_in_the_kernel_under_test(kernel, tmp_path):
+    r = vm("--kernel", kernel, "--db", str(tmp_path / "h.sqlite"), "--",
+           "kvmsplit", "run", "-k", "hugetlb-2m/2m/bitmap", "-k", "thp/2m/manual-init-set",
+           "--output", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = results(tmp_path / "out")
+    v = res["host"]["vm"]
+    assert v["state"] == "done" and v["release"] == res["host"]["kernel"]["release"]
+    assert v["image"] == os.path.realpath(kernel) and len(v["sha256"]) == 64
+    by_name = {s["name"]: s for s in res["scenarios"]}
+    assert all(s["verdict"] == "PASS" for s in by_name.values())
+    if res["host"]["virtualization"]["paging"] == "tdp" and res["host"]["eager_page_split"]["value"]:
+        assert by_name["hugetlb-2m/2m/bitmap"]["observed_split"] == "eager@enable"
+        assert by_name["thp/2m/manual-init-set"]["observed_split"] == "eager@first-clear"
+    for name in ("results.ktap", "junit.xml", "kcidb.json"):
+        assert (tmp_path / "out" / name).exists()
+    # recorded in the host's history, not only in the VM's throwaway one
+    h = subprocess.run([sys.executable, "-m", "kvmsplit", "history", "--db", str(tmp_path / "h.sqlite")],
+                       capture_output=True, text=True)
+    assert v["release"] in h.stdout
+    assert no_qemu_left()
+
+
+def test_kernel_panic_is_an_error_with_the_console(kernel, tmp_path):
+    r = vm("--kernel", kernel, "--inject-panic-after", "1", "--",
+           "kvmsplit", "run", "-k", "thp/2m/bitmap", "-o", str(tmp_path))
+    assert r.returncode == 1
+    res = results(tmp_path)
+    bad = [s for s in res["scenarios"] if s["verdict"] == "ERROR"]
+    assert len(bad) == 1 and bad[0]["reasons"][0].startswith("kernel under test panicked: Kernel panic")
+    assert "sysrq triggered crash" in bad[0]["reasons"][0]
+    assert any("sysrq_handle_crash" in line for line in bad[0]["console_tail"])
+    assert [r["type"] for r in bad[0]["kernel_log"]["reports"]] == ["PANIC"]
+    assert res["host"]["vm"]["state"] == "panic"
+    assert no_qemu_left()
+
+
+def test_timeout_kills_the_vm(kernel, tmp_path):
+    r = vm("--kernel", kernel, "--timeout", "4", "--", "kvmsplit", "run", "-o", str(tmp_path))
+    assert r.returncode == 1
+    res = results(tmp_path)
+    assert res["scenarios"][-1]["verdict"] in ("ERROR", "MISS")
+    assert "timed out after 4s" in res["scenarios"][-1]["reasons"][0]
+    assert no_qemu_left()
+
+
+def test_a_kernel_that_does_not_boot_is_a_miss(kernel, tmp_path):
+    bogus = tmp_path / "vmlinuz-bogus"
+    bogus.write_bytes(os.urandom(4096))
+    r = vm("--kernel", str(bogus), "--timeout", "120", "--", "kvmsplit", "run", "-o", str(tmp_path / "o"))
+    assert r.returncode == 1
+    res = results(tmp_path / "o")
+    assert res["scenarios"][-1]["verdict"] == "MISS"
+    assert res["scenarios"][-1]["reasons"][0].startswith("VM did not boot")
+    assert res["scenarios"][-1]["console_tail"], "the console lines say why"
+    assert no_qemu_left()
+
+
+def test_vm_usage_errors(tmp_path):
+    r = vm("--", "kvmsplit", "run")
+    assert r.returncode == 64 and "exactly one of --kernel" in r.stderr
+    r = vm("--kernel", str(tmp_path / "nope"), "--", "kvmsplit", "run")
+    assert r.returncode == 66 and "no such kernel image" in r.stderr
