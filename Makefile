@@ -5,12 +5,13 @@
 .PHONY: run test setup bench clean
 
 setup:
-	@scripts/bootstrap.sh
+	@scripts/bootstrap.sh run
 
 run: setup
 	.venv/bin/kvmsplit run $(ARGS)
 
-test: setup
+test:
+	@scripts/bootstrap.sh test
 	.venv/bin/python -m pytest $(ARGS)
 
 bench: setup

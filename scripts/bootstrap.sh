@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
-# Set up kvmsplit on a fresh Debian/Ubuntu machine: OS packages (only those
-# missing, only as root), then a virtualenv in .venv with kvmsplit installed
-# editable plus its test extra. Safe to run again; fast when nothing is missing.
+# Set up kvmsplit on a fresh Debian/Ubuntu machine: the OS packages that are
+# missing (installed only as root), then a virtualenv in .venv with kvmsplit
+# installed editable plus its test extra. Safe to run again; fast when
+# nothing is missing.
+#   scripts/bootstrap.sh run    what `kvmsplit run` needs
+#   scripts/bootstrap.sh test   that, plus what the whole test suite uses
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=${1:-run}
 
-# command -> Debian package that provides it
-declare -A NEED=([gcc]=gcc [make]=make [ld]=binutils [objcopy]=binutils [python3]=python3)
+# guests are built with gcc/binutils; <linux/kvm.h> checks the ioctl layer
+packages=(make gcc libc6-dev binutils linux-libc-dev git python3 python3-venv python3-pip)
+if [ "$profile" = test ]; then
+    packages+=(
+        tar xz-utils linux-source-6.12          # the kernel's KVM selftests, and the kernels we build
+        flex bison bc libelf-dev libssl-dev cpio # building those kernels
+        qemu-system-x86 busybox-static           # kvmsplit vm (virtme-ng)
+        linux-image-amd64                        # a kernel under test to boot
+        chromium                                 # screenshots of the HTML report
+    )
+fi
 missing=()
-for cmd in "${!NEED[@]}"; do command -v "$cmd" >/dev/null || missing+=("${NEED[$cmd]}"); done
-python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-[ -e /usr/include/linux/kvm.h ] || missing+=(linux-libc-dev)
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-        echo "kvmsplit: please install: $(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')" >&2
+        echo "kvmsplit: please install: ${missing[*]}" >&2
         exit 69
     fi
+    echo "kvmsplit: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -77,6 +77,7 @@ def test_kernel_panic_is_an_error_with_the_console(kernel, tmp_path):
     assert any("sysrq_handle_crash" in line for line in bad[0]["console_tail"])
     assert [r["type"] for r in bad[0]["kernel_log"]["reports"]] == ["PANIC"]
     assert res["host"]["vm"]["state"] == "panic"
+    assert res["host"]["vm"]["boot_attempts"] == 1, "a panic after the command started is not retried"
     assert no_qemu_left()
 
 
@@ -98,6 +99,7 @@ def test_a_kernel_that_does_not_boot_is_a_miss(kernel, tmp_path):
     assert res["scenarios"][-1]["verdict"] == "MISS"
     assert res["scenarios"][-1]["reasons"][0].startswith("VM did not boot")
     assert res["scenarios"][-1]["console_tail"], "the console lines say why"
+    assert res["host"]["vm"]["boot_attempts"] == 2, "a boot failure is retried once"
     assert no_qemu_left()
 
 

@@ -149,6 +149,7 @@ def cmd_vm(args) -> int:
     print(f"kvmsplit vm: booting {kernel.image} with {accel.reason}; results in {out}/", file=sys.stderr)
     outcome = virtme.boot_and_run(kernel, command, out.resolve(), accel=accel, cpus=args.cpus,
                                   memory=args.memory, timeout=args.timeout, append=args.append,
+                                  boot_attempts=args.boot_attempts,
                                   panic_after=args.inject_panic_after,
                                   echo=lambda line: print(line, file=sys.stderr))
     rr = virtme.record(outcome, kernel, accel, out, sys.argv)
@@ -166,6 +167,19 @@ def cmd_vm(args) -> int:
     print(f"kvmsplit vm: {outcome.release} booted in {outcome.boot_s:.1f}s; command exited {outcome.rc}",
           file=sys.stderr)
     return outcome.rc
+
+
+# -- kernel build -------------------------------------------------------------------------------
+def cmd_kernel_build(args) -> int:
+    from .kernelbuild import build
+    k = build(args.tree, list(args.patch or []) + list(args.mbox or []), force=args.force)
+    if args.json:
+        print(json.dumps(k.to_dict(), indent=1))
+    else:
+        print(k.image)
+        print(f"kvmsplit: {k.release or 'kernel'} {'from the cache' if k.cached else 'built'}; "
+              f"boot it with: kvmsplit vm --kernel {k.image} -- kvmsplit run", file=sys.stderr)
+    return EXIT_OK
 
 
 # -- kernellog ------------------------------------------------------------------------------
@@ -236,10 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=1800, metavar="S", help="for boot and command together")
     sp.add_argument("--append", metavar="ARGS",
                     help="kernel command line options for the kernel under test, e.g. kvm.eager_page_split=0")
+    sp.add_argument("--boot-attempts", type=int, default=2, metavar="N",
+                    help="boot again if the kernel dies before the command starts (default 2)")
     sp.add_argument("--db", metavar="PATH", help="history database to record the run in")
     sp.add_argument("--inject-panic-after", type=float, metavar="S", help=argparse.SUPPRESS)
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- kvmsplit COMMAND ... (default: kvmsplit run)")
     sp.set_defaults(func=cmd_vm)
+
+    sp = sub.add_parser("kernel", help="build a small KVM host kernel to test with `kvmsplit vm`")
+    ksub = sp.add_subparsers(dest="kcmd", required=True, parser_class=_Parser)
+    kb = ksub.add_parser("build", help="build (or reuse) a kernel with KVM, optionally patched",
+                         description="Applies patches to the tree's HEAD (mbox: git am; diff: git apply), "
+                                     "builds with virtme-ng's minimal config plus KVM and THP, puts the tree "
+                                     "back, and caches the image by commit, patches and config.")
+    kb.add_argument("--tree", metavar="PATH", help="a kernel git tree (default: Debian's linux-source-*)")
+    kb.add_argument("--patch", action="append", metavar="FILE.patch", help="a patch to apply (repeatable)")
+    kb.add_argument("--mbox", action="append", metavar="FILE.mbx", help="a series as mbox (repeatable)")
+    kb.add_argument("--force", action="store_true", help="rebuild even if the cache has this image")
+    kb.add_argument("--json", action="store_true")
+    kb.set_defaults(func=cmd_kernel_build)
 
     sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log")
     sp.add_argument("file", help="dmesg output, a console log or a /dev/kmsg dump; - for stdin")

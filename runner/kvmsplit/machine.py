@@ -210,7 +210,9 @@ class Machine:
                     self._event("dead", v.id, f"vcpu {v.id}: unexpected exit {name}")
                     return
         except VmBugged as e:
-            self._event("vmbugged", v.id, e)
+            # without its traceback: the vCPU thread's frames hold views of the
+            # mmap'd kvm_run, which could then never be unmapped
+            self._event("vmbugged", v.id, e.with_traceback(None))
         except KvmIoctlError as e:
             self._event("dead", v.id, f"vcpu {v.id}: {e}")
 

@@ -140,7 +140,8 @@ def _inner_command(argv: list[str], outdir: Path) -> list[str]:
             args[i + 1] = str(outdir)
         elif a.startswith("--output="):
             args[i] = f"--output={outdir}"
-    if not any(a in ("--output", "-o") or a.startswith("--output=") for a in args):
+    takes_output = args[:1] in (["run"], ["rerun"]) or args[:2] == ["selftests", "run"]
+    if takes_output and not any(a in ("--output", "-o") or a.startswith("--output=") for a in args):
         args += ["--output", str(outdir)]
     return [sys.executable, "-m", "kvmsplit", *args]
 
@@ -182,12 +183,29 @@ class VmOutcome:
     rc: int | None
     release: str | None
     console: list[str]
+    booted: bool = False        # the command started
+    attempts: int = 1
     detail: str = ""
     boot_s: float | None = None
     wall_s: float = 0.0
 
 
-def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel: Accel,
+def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, boot_attempts: int = 2,
+                 **kw) -> VmOutcome:
+    """_boot_once, again if the kernel died before the command started (a boot
+    flake under TCG says nothing about the code under test). Attempts are
+    recorded; a failure after the command started is never retried."""
+    for attempt in range(1, boot_attempts + 1):
+        out = _boot_once(kernel, argv, outdir, **kw)
+        out.attempts = attempt
+        if out.booted or out.state == "timeout" or attempt == boot_attempts:
+            return out
+        if kw.get("echo"):
+            kw["echo"](f"kvmsplit vm: boot attempt {attempt} failed ({out.state}: {out.detail}); retrying")
+    return out
+
+
+def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel: Accel,
                  cpus: int = 2, memory: str = "2G", timeout: float = 1800,
                  append: str | None = None, panic_after: float | None = None,
                  echo=None) -> VmOutcome:
@@ -229,6 +247,7 @@ def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, acce
                         echo(line)
             if i == 0:
                 out.state, out.release, out.boot_s = "running", child.match.group(1), time.monotonic() - t0
+                out.booted = True
             elif i == 1:
                 out.state, out.rc = "done", int(child.match.group(1))
             elif i == 2:
@@ -289,6 +308,7 @@ def record(outcome: VmOutcome, kernel: KernelUnderTest, accel: Accel, outdir: Pa
     path = outdir / "results.json"
     vm = {**kernel.info, "release": outcome.release, "accel": accel.name, "cpu": accel.cpu,
           "accel_reason": accel.reason, "state": outcome.state, "boot_s": outcome.boot_s,
+          "boot_attempts": outcome.attempts,
           "wall_s": outcome.wall_s, "outer_kernel": os.uname().release}
     if path.exists():
         rr = load_results(path)

@@ -72,15 +72,18 @@ class Vcpu(KvmFd):
         return self._stats
 
     def close(self) -> None:
-        if self._stats is not None:
+        if getattr(self, "_stats", None) is not None:
             self._stats.close()
             self._stats = None
-        if self.ring is not None:
+        if getattr(self, "ring", None) is not None:
             self.ring.close()
             self.ring = None
         if getattr(self, "_run_map", None) is not None:
-            del self.run_struct
-            self._run_map.close()
+            self.run_struct = None
+            try:
+                self._run_map.close()
+            except BufferError:
+                pass    # a view is still alive somewhere; the mapping goes with it
             self._run_map = None
         super().close()
 
@@ -115,6 +118,9 @@ class DirtyRing:
 
     def close(self) -> None:
         if self._map is not None:
-            del self.entries
-            self._map.close()
+            self.entries = None
+            try:
+                self._map.close()
+            except BufferError:
+                pass    # see Vcpu.close()
             self._map = None
