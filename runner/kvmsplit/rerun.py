@@ -52,7 +52,7 @@ def cmd_rerun(args) -> int:
         return EXIT_OK
     kinds = sorted({kind(s) for s in chosen})
     if kinds == ["kselftest"]:
-        return _rerun_selftests(args, loaded, chosen)
+        return _rerun_selftests(args, loaded, chosen, default_sinks(args, series=loaded.rr.series))
     if len(kinds) > 1:
         raise UsageError(f"cannot rerun {', '.join(kinds)} results together; pick one kind with --only")
     if kinds != ["scenario"]:
@@ -100,7 +100,7 @@ def _rerun_scenarios(args, loaded: LoadedRun, chosen: list[ScenarioResult], sink
     return _done(args, rr, out, table(rr, tty=sys.stdout.isatty()))
 
 
-def _rerun_selftests(args, loaded: LoadedRun, chosen: list[ScenarioResult]) -> int:
+def _rerun_selftests(args, loaded: LoadedRun, chosen: list[ScenarioResult], sinks) -> int:
     """The kernel's selftests, rebuilt from their results (the case is its
     scenario dict plus its name), with the selftests of the default tree."""
     from .output import Progress
@@ -119,5 +119,5 @@ def _rerun_selftests(args, loaded: LoadedRun, chosen: list[ScenarioResult]) -> i
           f"selftests of {b.version}; results in {out}/", file=sys.stderr)
     rr = run_selftests(cases, b, facts, out, allow_host_changes=not args.no_host_changes,
                        argv=sys.argv, on_start=lambda c: progress.phase(c.name, "running"),
-                       on_result=lambda i, r: progress.result(r))
+                       on_result=lambda i, r: progress.result(r), sinks=sinks)
     return _done(args, rr, out, table(rr, tty=sys.stdout.isatty()))

@@ -30,36 +30,33 @@ class ResultSink(Protocol):
     def finished(self, rr: RunResult, outdir: Path) -> None: ...
 
 
-def run_suite(scenarios: list[Scenario], facts: dict, outdir: Path, *,
-              options: RunOptions | None = None, allow_host_changes: bool = True,
-              argv: list[str] | None = None,
+def run_items(entries: list[tuple[str, dict]], run_one: Callable, facts: dict, outdir: Path, *,
+              allow_host_changes: bool = True, argv: list[str] | None = None,
               on_result: Callable[[int, ScenarioResult], None] | None = None,
               sinks: list[ResultSink] = ()) -> RunResult:
-    options = options or RunOptions()
-    image = guest_image()
+    """The loop every backend shares: entries (name, definition) start as
+    MISS, run_one(index, host, rr) runs one and returns its result (it may put
+    its in-progress result into rr.scenarios[index] first, so an interrupt
+    records the phase it was in)."""
     rr = RunResult(host=facts, argv=list(argv if argv is not None else sys.argv),
                    kvmsplit_version=__version__)
-    rr.scenarios = [ScenarioResult(name=s.name, scenario=s.to_dict()) for s in scenarios]
+    rr.scenarios = [ScenarioResult(name=name, scenario=d) for name, d in entries]
     rr.write(outdir)
     for sink in sinks:
         sink.started(rr, outdir)
-    kvm = Kvm()
     current = None
     try:
         with HostChanges(allowed=allow_host_changes) as host:
             rr.host_changes = host.log
-            for i, s in enumerate(scenarios):
+            for i in range(len(entries)):
                 current = i
-                run = ScenarioRun(s, facts, image, host, kvm, options)
-                rr.scenarios[i] = run.res      # so an interrupt records the phase
-                res = run.run()
-                rr.scenarios[i] = res
+                rr.scenarios[i] = run_one(i, host, rr)
                 current = None
                 rr.write(outdir)
                 for sink in sinks:
                     sink.scenario_done(rr, i, outdir)
                 if on_result:
-                    on_result(i, res)
+                    on_result(i, rr.scenarios[i])
     except BaseException:
         rr.interrupted = True
         if current is not None:
@@ -73,5 +70,27 @@ def run_suite(scenarios: list[Scenario], facts: dict, outdir: Path, *,
         rr.write(outdir)
         for sink in sinks:
             sink.finished(rr, outdir)
-        kvm.close()
     return rr
+
+
+def run_suite(scenarios: list[Scenario], facts: dict, outdir: Path, *,
+              options: RunOptions | None = None, allow_host_changes: bool = True,
+              argv: list[str] | None = None,
+              on_result: Callable[[int, ScenarioResult], None] | None = None,
+              sinks: list[ResultSink] = ()) -> RunResult:
+    """kvmsplit's own scenarios on /dev/kvm."""
+    options = options or RunOptions()
+    image = guest_image()
+    kvm = Kvm()
+
+    def run_one(i: int, host, rr: RunResult) -> ScenarioResult:
+        run = ScenarioRun(scenarios[i], facts, image, host, kvm, options)
+        rr.scenarios[i] = run.res      # so an interrupt records the phase
+        return run.run()
+
+    try:
+        return run_items([(s.name, s.to_dict()) for s in scenarios], run_one, facts, outdir,
+                         allow_host_changes=allow_host_changes, argv=argv, on_result=on_result,
+                         sinks=sinks)
+    finally:
+        kvm.close()

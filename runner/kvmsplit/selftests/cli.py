@@ -44,6 +44,7 @@ def cmd_run(args) -> int:
     from ..hostinfo import KvmUnavailable, probe
     from ..output import Progress
     from .build import build
+    from ..report.cli import default_sinks
     from .runner import run_selftests
 
     cases = _cases(args)            # a bad manifest is reported before anything is built
@@ -59,9 +60,10 @@ def cmd_run(args) -> int:
     rr = run_selftests(cases, b, facts, out, allow_host_changes=not args.no_host_changes,
                        accept_user_log=args.accept_user_log, argv=sys.argv,
                        on_start=lambda c: progress.phase(c.name, "running"),
-                       on_result=lambda i, r: progress.result(r))
-    print(table(rr, tty=sys.stdout.isatty()))
-    print(f"\nresults: {out / 'results.json'}")
+                       on_result=lambda i, r: progress.result(r), sinks=default_sinks(args))
+    human = sys.stderr if args.ktap else sys.stdout      # --ktap owns stdout
+    print(table(rr, tty=human.isatty()), file=human)
+    print(f"\nresults: {out / 'results.json'}", file=human)
     return EXIT_OK if rr.ok else EXIT_FAILED
 
 
@@ -106,6 +108,8 @@ def table(rr, tty: bool = False) -> str:
 
 def add_parser(sub, parser_class) -> None:
     """Add `selftests` to kvmsplit's subcommands (`sub`, from add_subparsers)."""
+    from ..report.cli import add_run_options
+
     p = sub.add_parser("selftests", help="build and run the kernel's own KVM selftests as scenarios")
     ss = p.add_subparsers(dest="selftests_cmd", required=True, parser_class=parser_class)
 
@@ -137,6 +141,7 @@ def add_parser(sub, parser_class) -> None:
                     help="never grow hugetlb pools; skip scenarios that would need it")
     sp.add_argument("--accept-user-log", action="store_true",
                     help="also treat user-written /dev/kmsg lines as kernel reports (for testing kvmsplit)")
+    add_run_options(sp)     # --db, --ktap, --series...: the same outputs and history as `kvmsplit run`
     sp.set_defaults(func=cmd_run)
 
     sp = ss.add_parser("parse", help="parse a selftest's captured output (KTAP, assertion, timings) as JSON")

@@ -10,15 +10,13 @@ results.json; results.json holds the parsed parts and the tails.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
 from ..hostchanges import HostChanges
 from ..kernellog import KernelLogGuard
-from ..results import ERROR, MISS, SKIP, RunResult, ScenarioResult
+from ..results import ERROR, SKIP, RunResult, ScenarioResult
 from . import process
 from .build import SelftestBuild
 from .manifest import HUGEPAGE_SIZES, SelftestCase
@@ -70,32 +68,15 @@ def run_selftests(cases: list[SelftestCase], build: SelftestBuild, facts: dict, 
                   allow_host_changes: bool = True, accept_user_log: bool = False,
                   argv: list[str] | None = None,
                   on_start: Callable[[SelftestCase], None] | None = None,
-                  on_result: Callable[[int, ScenarioResult], None] | None = None) -> RunResult:
-    rr = RunResult(host=facts, argv=list(argv if argv is not None else sys.argv),
-                   kvmsplit_version=__version__)
-    rr.scenarios = [ScenarioResult(name=c.name, scenario=c.to_dict()) for c in cases]
-    rr.write(outdir)
-    current = None
-    try:
-        with HostChanges(allowed=allow_host_changes) as host:
-            rr.host_changes = host.log
-            for i, case in enumerate(cases):
-                current = i
-                if on_start:
-                    on_start(case)
-                rr.scenarios[i] = run_case(case, build, facts, host, outdir,
-                                           accept_user_log=accept_user_log)
-                current = None
-                rr.write(outdir)
-                if on_result:
-                    on_result(i, rr.scenarios[i])
-    except BaseException:
-        rr.interrupted = True
-        if current is not None and rr.scenarios[current].verdict == MISS:
-            rr.scenarios[current].verdict = ERROR
-            rr.scenarios[current].reasons = ["interrupted"]
-        raise
-    finally:
-        rr.finished = time.time()
-        rr.write(outdir)
-    return rr
+                  on_result: Callable[[int, ScenarioResult], None] | None = None,
+                  sinks: list = ()) -> RunResult:
+    from ..suite import run_items
+
+    def run_one(i: int, host, rr: RunResult) -> ScenarioResult:
+        if on_start:
+            on_start(cases[i])
+        return run_case(cases[i], build, facts, host, outdir, accept_user_log=accept_user_log)
+
+    return run_items([(c.name, c.to_dict()) for c in cases], run_one, facts, outdir,
+                     allow_host_changes=allow_host_changes, argv=argv, on_result=on_result,
+                     sinks=sinks)
