@@ -206,7 +206,7 @@ def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, boot
 
 
 def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel: Accel,
-                 cpus: int = 2, memory: str = "2G", timeout: float = 1800,
+                 cpus: int = 1, memory: str = "2G", timeout: float = 1800,
                  append: str | None = None, panic_after: float | None = None,
                  echo=None) -> VmOutcome:
     """Boot `kernel`, run the kvmsplit command `argv` inside. Never hangs:
