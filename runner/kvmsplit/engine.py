@@ -63,6 +63,7 @@ class ScenarioRun:
         self.vm_bugged: str | None = None
         self.kernel_s = 0.0
         self.host_huge_bytes: int | None = None
+        self.pass1_pages = None      # what dirty pass 1 wrote: the lazy-split prediction needs it
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> ScenarioResult:
@@ -255,6 +256,8 @@ class ScenarioRun:
         if reported != len(pages):
             raise GuestError(f"pass {pass_no}: guest wrote {reported} pages, host computed {len(pages)}")
         self._check_memory(pass_no, pages)
+        if pass_no == 1:
+            self.pass1_pages = pages
         if check_dirty:
             self._check_dirty(pass_no, pages, guest_s)
 

@@ -168,8 +168,8 @@ def build(tree: str | Path | None = None, patches: list[str] = (), *, force: boo
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(image, out / "bzImage.tmp")
         if (tree / "vmlinux").is_file():
-            from .virtme import _build_id
-            build_id = _build_id(tree / "vmlinux")
+            from .virtme import elf_build_id
+            build_id = elf_build_id(tree / "vmlinux")
         else:
             build_id = None
         (out / "info.json").write_text(json.dumps({

@@ -88,7 +88,6 @@ class Machine:
         self._ring_lock = threading.Lock()
         self.ring_harvest: list[tuple[int, int]] = []   # (slot, offset) from ring-full exits
         self.ring_full_exits = 0
-        self.exit_counts: dict[str, int] = {}
         if manual_protect:
             self.vm.enable_manual_dirty_log_protect(initially_set)
         if dirty_ring_bytes:
@@ -183,8 +182,6 @@ class Machine:
                     reason = v.run()
                 except InterruptedError:
                     continue
-                name = uapi.EXIT_NAMES.get(reason, str(reason))
-                self.exit_counts[name] = self.exit_counts.get(name, 0) + 1
                 if reason == uapi.EXIT_IO:
                     if self._handle_io(st):
                         return
@@ -207,7 +204,7 @@ class Machine:
                                 f"{fe.hardware_entry_failure_reason:#x}")
                     return
                 else:
-                    self._event("dead", v.id, f"vcpu {v.id}: unexpected exit {name}")
+                    self._event("dead", v.id, f"vcpu {v.id}: unexpected exit {uapi.EXIT_NAMES.get(reason, reason)}")
                     return
         except VmBugged as e:
             # without its traceback: the vCPU thread's frames hold views of the

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 
 from .results import RunResult, ScenarioResult
 
@@ -19,7 +18,6 @@ class Progress:
         self.tty = self.stream.isatty()
         self.verbose = verbose
         self.done = 0
-        self.t0 = time.monotonic()
 
     def phase(self, name: str, phase: str) -> None:
         if self.verbose:

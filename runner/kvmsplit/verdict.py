@@ -11,6 +11,8 @@ one verdict.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .memory import Backing
 from .results import ERROR, FAIL, PASS, SKIP, Check
 
@@ -213,17 +215,12 @@ def _untouched_huge(run, populate: dict) -> int | None:
     """How many huge mappings a lazy split leaves after dirty pass 1: those
     whose region the pass did not write. Only predictable when every region
     was mapped huge at one size."""
-    import numpy as np
-    from .guest import ucall
     s = run.s
+    if run.pass1_pages is None:
+        return None
     for key, size in (("pages_1g", GB), ("pages_2m", MB2)):
         n = populate.get(key, 0)
         other = populate.get("pages_2m" if key == "pages_1g" else "pages_1g", 0)
         if n and not other and n == s.size // size:
-            per = size >> 12
-            parts = [run._partition(c) for c in range(s.vcpus)]
-            pages = np.concatenate([ucall.written_pages(1, s.pattern, s.percent, s.seed, *p)
-                                    for p in parts])
-            touched = np.unique(pages // per).size
-            return n - touched
+            return n - np.unique(run.pass1_pages // (size >> 12)).size
     return None

@@ -99,7 +99,7 @@ class KernelUnderTest:
         info = {"image": str(self.image.resolve()), "sha256": h.hexdigest()}
         vmlinux = (self.tree / "vmlinux") if self.tree else None
         if vmlinux and vmlinux.is_file():
-            info["build_id"] = _build_id(vmlinux)
+            info["build_id"] = elf_build_id(vmlinux)
         if self.tree:
             r = subprocess.run(["git", "-C", str(self.tree), "rev-parse", "HEAD"],
                                capture_output=True, text=True)
@@ -108,7 +108,7 @@ class KernelUnderTest:
         return info
 
 
-def _build_id(elf_path: Path) -> str | None:
+def elf_build_id(elf_path: Path) -> str | None:
     from elftools.elf.elffile import ELFFile
     with open(elf_path, "rb") as f:
         for sec in ELFFile(f).iter_sections():

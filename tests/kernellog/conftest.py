@@ -13,17 +13,9 @@ import uuid
 
 import pytest
 
+from conftest import need   # the one in tests/: skip, or fail under KVMSPLIT_REQUIRE_KVM=1
+
 KMSG = "/dev/kmsg"
-REQUIRE = os.environ.get("KVMSPLIT_REQUIRE_KVM") == "1"
-
-
-def need(ok: bool, reason: str) -> None:
-    """Skip when a prerequisite is missing; fail under KVMSPLIT_REQUIRE_KVM=1."""
-    if ok:
-        return
-    if REQUIRE:
-        pytest.fail(f"required but unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def kmsg_problem() -> str | None:

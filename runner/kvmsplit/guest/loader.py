@@ -20,7 +20,6 @@ MB_SEARCH = 8192
 @dataclass
 class BootInfo:
     entry: int
-    image_end: int
     mbinfo_gpa: int
 
 
@@ -35,7 +34,6 @@ def load_multiboot(path: Path, mem, mem_gpa: int, mem_size: int, mbinfo_gpa: int
         raise BadInputError(f"{path}: no multiboot header in the first {MB_SEARCH} bytes")
     with open(path, "rb") as f:
         elf = ELFFile(f)
-        end = 0
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_LOAD":
                 continue
@@ -45,9 +43,8 @@ def load_multiboot(path: Path, mem, mem_gpa: int, mem_size: int, mbinfo_gpa: int
             lo = pa - mem_gpa
             mem[lo:lo + filesz] = seg.data()
             mem[lo + filesz:lo + memsz] = bytes(memsz - filesz)
-            end = max(end, pa + memsz)
         entry = elf.header["e_entry"]
     # struct multiboot_info: flags, mem_lower (KiB below 1M), mem_upper (KiB above 1M)
     info = struct.pack("<III", MB_INFO_MEM, 640, (mem_size - 0x100000) // 1024)
     mem[mbinfo_gpa - mem_gpa:mbinfo_gpa - mem_gpa + len(info)] = info
-    return BootInfo(entry=entry, image_end=end, mbinfo_gpa=mbinfo_gpa)
+    return BootInfo(entry=entry, mbinfo_gpa=mbinfo_gpa)
