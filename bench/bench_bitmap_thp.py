@@ -22,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from kvmsplit.engine import RunOptions, ScenarioRun
-from kvmsplit.guest.build import guest_image
-from kvmsplit.hostchanges import HostChanges
-from kvmsplit.hostinfo import probe
-from kvmsplit.kvm import Kvm
-from kvmsplit.memory import Backing
+from kvmsplit.scenario.engine import RunOptions, ScenarioRun
+from kvmsplit.vmm.guest.build import guest_image
+from kvmsplit.host.changes import HostChanges
+from kvmsplit.host.facts import probe
+from kvmsplit.vmm.kvm import Kvm
+from kvmsplit.vmm.memory import Backing
 from kvmsplit.paths import cache_dir
-from kvmsplit.scenario import DirtyMode, Scenario, parse_size
+from kvmsplit.scenario.model import DirtyMode, Scenario, parse_size
 
 HERE = Path(__file__).resolve().parent
 

@@ -41,7 +41,7 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def kvm():
     need(_kvm_usable() is None, "/dev/kvm unusable")
-    from kvmsplit.kvm import Kvm
+    from kvmsplit.vmm.kvm import Kvm
     k = Kvm()
     yield k
     k.close()
@@ -49,20 +49,20 @@ def kvm():
 
 @pytest.fixture(scope="session")
 def facts(kvm):
-    from kvmsplit.hostinfo import probe
+    from kvmsplit.host.facts import probe
     return probe(kvm)
 
 
 @pytest.fixture(scope="session")
 def guest_image():
-    from kvmsplit.guest.build import guest_image as build
+    from kvmsplit.vmm.guest.build import guest_image as build
     return build()
 
 
 @pytest.fixture(scope="session")
 def host_changes():
     """Hugetlb pools grown for the session, restored at its end."""
-    from kvmsplit.hostchanges import HostChanges
+    from kvmsplit.host.changes import HostChanges
     with HostChanges() as hc:
         yield hc
 
@@ -70,7 +70,7 @@ def host_changes():
 @pytest.fixture
 def run_scenario(kvm, facts, guest_image, host_changes):
     """run_scenario(Scenario, **RunOptions fields) -> ScenarioResult, for real."""
-    from kvmsplit.engine import RunOptions, ScenarioRun
+    from kvmsplit.scenario.engine import RunOptions, ScenarioRun
 
     def run(scenario, **opts):
         return ScenarioRun(scenario, facts, guest_image, host_changes, kvm, RunOptions(**opts)).run()

@@ -1,9 +1,9 @@
 """The split-expectation rule table, as data: host facts x scenario -> split."""
 import pytest
 
-from kvmsplit.expectation import expect
-from kvmsplit.memory import Backing
-from kvmsplit.scenario import DirtyMode, Scenario
+from kvmsplit.scenario.expectation import expect
+from kvmsplit.vmm.memory import Backing
+from kvmsplit.scenario.model import DirtyMode, Scenario
 
 
 def host(paging="tdp", tdp_mmu=True, eager=True):

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from kvmsplit.hostchanges import HostChanges, recover_stale
+from kvmsplit.host.changes import HostChanges, recover_stale
 
 POOL = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
 
@@ -55,7 +55,7 @@ def test_killed_run_is_restored_by_the_next(writable_pool, tmp_path):
     journal = tmp_path / "j.json"
     code = textwrap.dedent(f"""
         import os, signal
-        from kvmsplit.hostchanges import HostChanges
+        from kvmsplit.host.changes import HostChanges
         hc = HostChanges(journal=__import__('pathlib').Path({str(journal)!r}))
         assert hc.ensure_hugepages(2048, int(open({POOL!r} + "free_hugepages").read()) + 4) is None
         os.kill(os.getpid(), signal.SIGKILL)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from kvmsplit.errors import BadInputError
-from kvmsplit.guest import ucall
-from kvmsplit.guest.loader import load_multiboot
-from kvmsplit.kvm import uapi
-from kvmsplit.machine import GuestError, GuestTimeout, Machine
-from kvmsplit.memory import Backing, GuestMemory
+from kvmsplit.vmm.guest import ucall
+from kvmsplit.vmm.guest.loader import load_multiboot
+from kvmsplit.vmm.kvm import uapi
+from kvmsplit.vmm.machine import GuestError, GuestTimeout, Machine
+from kvmsplit.vmm.memory import Backing, GuestMemory
 
 pytestmark = pytest.mark.kvm
 GPA = 1 << 32

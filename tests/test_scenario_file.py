@@ -4,9 +4,9 @@ import textwrap
 
 import pytest
 
-from kvmsplit.cli import main
+from kvmsplit.cli.main import main
 from kvmsplit.errors import EXIT_BAD_INPUT, EXIT_NO_INPUT, BadInputError
-from kvmsplit.scenario import DirtyMode, load_file, parse_size
+from kvmsplit.scenario.model import DirtyMode, load_file, parse_size
 
 GOOD = """
 [defaults]

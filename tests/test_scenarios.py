@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from kvmsplit.memory import Backing
-from kvmsplit.results import ERROR, FAIL, PASS
-from kvmsplit.scenario import DirtyMode, Scenario
+from kvmsplit.vmm.memory import Backing
+from kvmsplit.runs.results import ERROR, FAIL, PASS
+from kvmsplit.scenario.model import DirtyMode, Scenario
 
 pytestmark = pytest.mark.kvm
 MB = 1 << 20
@@ -28,7 +28,7 @@ def assert_clean(res, split):
 @pytest.mark.parametrize("mode", list(DirtyMode), ids=lambda m: m.value)
 @pytest.mark.parametrize("backing", [Backing.THP, Backing.HUGETLB_2M], ids=lambda b: b.value)
 def test_every_dirty_mode_splits_as_expected_and_recovers(run_scenario, facts, mode, backing):
-    from kvmsplit.expectation import expect
+    from kvmsplit.scenario.expectation import expect
     s = Scenario(f"{backing.value}/2m/{mode.value}", backing=backing, size=64 * MB, dirty_mode=mode,
                  ring_size=16384)
     res = run_scenario(s)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from kvmsplit.kvm import uapi
+from kvmsplit.vmm.kvm import uapi
 
 C_PROBE = r"""
 #include <stdio.h>

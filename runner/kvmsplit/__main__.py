@@ -1,3 +1,3 @@
 import sys
-from .cli import main
+from kvmsplit.cli.main import main
 sys.exit(main())

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture
 def kv(tmp_path, monkeypatch, capsys):
     """kv("history", "--db", path) -> (exit code, stdout, stderr)."""
-    from kvmsplit.cli import main
+    from kvmsplit.cli.main import main
     monkeypatch.setenv("KVMSPLIT_DATA_DIR", str(tmp_path / "data"))
     sigterm = signal.getsignal(signal.SIGTERM)      # main() installs its own
 

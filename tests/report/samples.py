@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvmsplit.results import Check, Phase, RunResult, ScenarioResult
+from kvmsplit.runs.results import Check, Phase, RunResult, ScenarioResult
 
 DATA = Path(__file__).parent / "data"
 

@@ -3,8 +3,8 @@ judged against the spread of earlier runs, never against one sample."""
 import pytest
 from samples import make_run, phases
 
-from kvmsplit.compare import compare, mann_whitney_greater
-from kvmsplit.history import History
+from kvmsplit.runs.compare import compare, mann_whitney_greater
+from kvmsplit.runs.history import History
 
 pytest_plugins = ["cli_fixture"]      # kv
 

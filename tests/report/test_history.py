@@ -10,7 +10,7 @@ import pytest
 from samples import make_run
 
 from kvmsplit.errors import EXIT_BAD_INPUT
-from kvmsplit.history import History, HistorySink
+from kvmsplit.runs.history import History, HistorySink
 
 pytest_plugins = ["cli_fixture"]      # kv
 
@@ -63,7 +63,7 @@ def test_a_file_that_is_not_a_history_is_one_line(kv, tmp_path):
 
 @pytest.mark.kvm
 def test_a_killed_run_keeps_what_finished(tmp_path):
-    from kvmsplit.hostchanges import recover_stale
+    from kvmsplit.host.changes import recover_stale
     db, out = tmp_path / "h.sqlite", tmp_path / "out"
     # every scenario's guest hangs in dirty-2 and is stopped after 10 s: the
     # first finishes (as ERROR), and the kill lands while the second hangs

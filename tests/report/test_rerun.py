@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 from samples import make_run
 
-from kvmsplit import rerun
+from kvmsplit.cli import rerun
 from kvmsplit.errors import EXIT_USAGE, UsageError
-from kvmsplit.history import History, LoadedRun
-from kvmsplit.rerun import choose, expect_override
-from kvmsplit.results import ScenarioResult
+from kvmsplit.runs.history import History, LoadedRun
+from kvmsplit.cli.rerun import choose, expect_override
+from kvmsplit.runs.results import ScenarioResult
 
 pytest_plugins = ["cli_fixture"]      # kv
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvmsplit.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from kvmsplit.results import RunResult
+from kvmsplit.runs.results import RunResult
 from kvmsplit.selftests.manifest import SelftestCase, load
 from conftest import need
 

@@ -2,7 +2,7 @@
 PASS/FAIL/ERROR/SKIP as kvmsplit's own scenarios, with the reason."""
 import pytest
 
-from kvmsplit.results import ScenarioResult
+from kvmsplit.runs.results import ScenarioResult
 from kvmsplit.selftests.process import Completed
 from kvmsplit.selftests.verdict import record
 

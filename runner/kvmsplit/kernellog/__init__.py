@@ -5,10 +5,10 @@
         ...                      # the unit of work
     g.result.status              # "clean", "reports" or "unchecked"
 """
-from .guard import GuardResult, KernelLogGuard
-from .records import KernelLogFormatError, Record, parse_log_text
-from .reports import REPORT_TYPES, Report, ReportType, parse_reports
-from .taint import decode_taint, describe_taint, read_taint
+from kvmsplit.kernellog.guard import GuardResult, KernelLogGuard
+from kvmsplit.kernellog.records import KernelLogFormatError, Record, parse_log_text
+from kvmsplit.kernellog.reports import REPORT_TYPES, Report, ReportType, parse_reports
+from kvmsplit.kernellog.taint import decode_taint, describe_taint, read_taint
 
 __all__ = ["KernelLogGuard", "GuardResult", "Report", "ReportType", "REPORT_TYPES", "Record",
            "parse_reports", "parse_log_text", "KernelLogFormatError", "read_taint", "decode_taint",

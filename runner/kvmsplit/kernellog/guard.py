@@ -10,10 +10,10 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
-from .records import (KERNEL_FACILITY, READ_SIZE, USER_FACILITY, KernelLogFormatError, Record,
+from kvmsplit.kernellog.records import (KERNEL_FACILITY, READ_SIZE, USER_FACILITY, KernelLogFormatError, Record,
                       drain, parse_log_text)
-from .reports import Report, parse_reports
-from .taint import TAINT_PATH, decode_taint, read_taint
+from kvmsplit.kernellog.reports import Report, parse_reports
+from kvmsplit.kernellog.taint import TAINT_PATH, decode_taint, read_taint
 
 KMSG_PATH = "/dev/kmsg"
 DMESG = "dmesg"

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from ..errors import BadInputError
+from kvmsplit.errors import BadInputError
 
 KERNEL_FACILITY = 0
 USER_FACILITY = 1

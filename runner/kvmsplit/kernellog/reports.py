@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from .records import Record
+from kvmsplit.kernellog.records import Record
 
 _FN = r"[A-Za-z_]\w*"                 # a C identifier
 _SRC = r"[\w./-]+\.[A-Za-z]+"         # a source path, with its extension

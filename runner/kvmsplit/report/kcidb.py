@@ -12,8 +12,8 @@ import json
 import re
 from datetime import datetime, timezone
 
-from ..results import RunResult, ScenarioResult
-from .digest import (failed, failure_text, host_name, kernel_release, kind, reports,
+from kvmsplit.runs.results import RunResult, ScenarioResult
+from kvmsplit.runs.digest import (failed, failure_text, host_name, kernel_release, kind, reports,
                      rerun_command, series_label)
 
 ORIGIN = "kvmsplit"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from ..results import ERROR, FAIL, MISS, PASS, SKIP, RunResult, ScenarioResult
-from .digest import (failed, host_name, kernel_release, reports, rerun_command, results_source,
+from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, RunResult, ScenarioResult
+from kvmsplit.runs.digest import (failed, host_name, kernel_release, reports, rerun_command, results_source,
                      series_label)
 
 

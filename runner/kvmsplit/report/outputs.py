@@ -15,11 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..results import RunResult
-from .digest import failed, kernel_excerpt, rerun_command, results_source, slug
-from .junit import junit_xml
-from .kcidb import kcidb_fragment
-from .ktap import ktap_text
+from kvmsplit.runs.results import RunResult
+from kvmsplit.runs.digest import failed, kernel_excerpt, rerun_command, results_source, slug
+from kvmsplit.report.junit import junit_xml
+from kvmsplit.report.kcidb import kcidb_fragment
+from kvmsplit.report.ktap import ktap_text
 
 
 def write_atomic(path: Path, text: str) -> None:

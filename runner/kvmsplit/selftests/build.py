@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BadInputError, NoInputError, UnavailableError
-from ..paths import cache_dir
+from kvmsplit.errors import BadInputError, NoInputError, UnavailableError
+from kvmsplit.paths import cache_dir
 
 SELFTESTS = "tools/testing/selftests/kvm"
 DEBIAN_SOURCES = Path("/usr/src")

@@ -27,9 +27,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInputError, read_input
-from ..hostinfo import module_param, param_value
-from ..paths import REPO_ROOT
+from kvmsplit.errors import BadInputError, read_input
+from kvmsplit.host.facts import module_param, param_value
+from kvmsplit.paths import REPO_ROOT
 
 DEFAULT_MANIFEST = REPO_ROOT / "kselftests" / "manifest.toml"
 ENTRY_KEYS = ("test", "about", "args", "matrix", "timeout", "requires", "hugepages")

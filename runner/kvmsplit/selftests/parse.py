@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..results import Phase
+from kvmsplit.runs.results import Phase
 
 ASSERT_HEADER = "==== Test Assertion Failure ===="
 _WHERE_RE = re.compile(r"\s+(?P<file>[^\s:]+):(?P<line>\d+): (?P<expr>.*)$")

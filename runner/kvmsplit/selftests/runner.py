@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..hostchanges import HostChanges
-from ..kernellog import KernelLogGuard
-from ..results import ERROR, SKIP, RunResult, ScenarioResult
-from . import process
-from .build import SelftestBuild
-from .manifest import HUGEPAGE_SIZES, SelftestCase
-from .verdict import record
+from kvmsplit.host.changes import HostChanges
+from kvmsplit.kernellog import KernelLogGuard
+from kvmsplit.runs.results import ERROR, SKIP, RunResult, ScenarioResult
+from kvmsplit.selftests import process
+from kvmsplit.selftests.build import SelftestBuild
+from kvmsplit.selftests.manifest import HUGEPAGE_SIZES, SelftestCase
+from kvmsplit.selftests.verdict import record
 
 
 def log_name(case: SelftestCase) -> str:
@@ -70,7 +70,7 @@ def run_selftests(cases: list[SelftestCase], build: SelftestBuild, facts: dict, 
                   on_start: Callable[[SelftestCase], None] | None = None,
                   on_result: Callable[[int, ScenarioResult], None] | None = None,
                   sinks: list = ()) -> RunResult:
-    from ..suite import run_items
+    from kvmsplit.runs.loop import run_items
 
     def run_one(i: int, host, rr: RunResult) -> ScenarioResult:
         if on_start:

@@ -9,11 +9,11 @@ checks, then one verdict in the same terms as kvmsplit's own scenarios.
 """
 from __future__ import annotations
 
-from ..results import ERROR, FAIL, PASS, SKIP, Check, ScenarioResult
-from . import ktap
-from .ktap import KtapDoc
-from .parse import AssertionFailure, parse_assertion, parse_timings
-from .process import Completed
+from kvmsplit.runs.results import ERROR, FAIL, PASS, SKIP, Check, ScenarioResult
+from kvmsplit.selftests import ktap
+from kvmsplit.selftests.ktap import KtapDoc
+from kvmsplit.selftests.parse import AssertionFailure, parse_assertion, parse_timings
+from kvmsplit.selftests.process import Completed
 
 KSFT_PASS, KSFT_FAIL, KSFT_XFAIL, KSFT_XPASS, KSFT_SKIP = 0, 1, 2, 3, 4
 _NOISE = ("Random seed:",)      # printed first by every KVM selftest: never a reason

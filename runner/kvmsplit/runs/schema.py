@@ -1,0 +1,52 @@
+"""results.json against its JSON Schema, and loading it back into the model.
+
+Every report reads results through load_results(), so a malformed or
+foreign file is refused with one line saying where it is wrong, instead of
+a KeyError deep inside a report.
+"""
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+
+from kvmsplit.errors import BadInputError, read_input
+from kvmsplit.runs.results import RunResult
+
+SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+
+
+def validate(data: dict, where: str = "results") -> None:
+    """Raise BadInputError naming the first offending place in data."""
+    err = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    if err is not None:
+        at = "/".join(str(p) for p in err.absolute_path) or "top level"
+        raise BadInputError(f"{where}: not kvmsplit results: at {at}: {err.message}")
+
+
+def from_json(data: dict, where: str = "results") -> RunResult:
+    validate(data, where)
+    return RunResult.from_dict(data)
+
+
+def results_path(path: str | Path) -> Path:
+    """A results.json, or a run's output directory holding one."""
+    p = Path(path)
+    return p / "results.json" if p.is_dir() else p
+
+
+def load_results(path: str | Path) -> RunResult:
+    p = results_path(path)
+    text = read_input(p, "results file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
+    return from_json(data, str(p))

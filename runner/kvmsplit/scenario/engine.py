@@ -1,0 +1,375 @@
+"""Run one scenario on /dev/kvm: its phases, then its verdict.
+
+Phases: boot, populate, enable, [first-clear], dirty-1..N, disable, recovery,
+verify. Each phase ends with a snapshot of the VM's page-size stats and the
+vCPUs' fault/exit deltas; the checks in verdict.py judge those snapshots.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from kvmsplit.scenario import verdict
+from kvmsplit.scenario.expectation import expect
+from kvmsplit.vmm.guest import ucall
+from kvmsplit.host.changes import HostChanges
+from kvmsplit.kernellog import KernelLogGuard
+from kvmsplit.vmm.kvm import FaultInjector, KvmIoctlError, VmBugged, uapi
+from kvmsplit.vmm.machine import GuestError, GuestTimeout, Machine
+from kvmsplit.vmm.memory import Backing, GuestMemory
+from kvmsplit.runs.results import ERROR, FAIL, SKIP, Phase, ScenarioResult
+from kvmsplit.scenario.model import DirtyMode, Scenario
+
+TEST_GPA = 1 << 32          # 4 GiB: 1G-aligned and clear of the boot identity map
+FIRST_TEST_SLOT = 1
+VM_STATS = ("pages_4k", "pages_2m", "pages_1g", "remote_tlb_flush", "mmu_shadow_zapped",
+            "mmu_unsync", "mmu_cache_miss", "nx_lpage_splits")
+VCPU_STATS = ("pf_taken", "pf_fixed", "exits", "io_exits", "insn_emulation")
+
+
+@dataclass
+class RunOptions:
+    expect: str | None = None           # --expect eager|lazy|none
+    accept_user_log: bool = False       # count user-facility kmsg records (tests)
+    phase_timeout: float | None = None
+    inject_eio: str | None = None       # make this ioctl fail with EIO (tests)
+    inject_hang: str | None = None      # the guest hangs in this phase (tests)
+    on_phase: Callable[[str, str], None] | None = None
+
+
+class ScenarioRun:
+    def __init__(self, scenario: Scenario, facts: dict, image, host: HostChanges,
+                 kvm, options: RunOptions | None = None):
+        self.s = scenario
+        self.facts = facts
+        self.image = image
+        self.host = host
+        self.kvm = kvm
+        self.opt = options or RunOptions()
+        self.res = ScenarioResult(name=scenario.name, scenario=scenario.to_dict())
+        self.exp = expect(scenario, facts, self.opt.expect)
+        self.res.expectation = self.exp.to_dict()
+        self.m: Machine | None = None
+        self.mem: GuestMemory | None = None
+        self.cur_phase = "setup"
+        self.dirty_passes: list[dict] = []
+        self.memory_mismatch: list[dict] = []
+        self.verify: dict | None = None
+        self.initially_set: dict | None = None
+        self.vm_bugged: str | None = None
+        self.kernel_s = 0.0
+        self.host_huge_bytes: int | None = None
+        self.pass1_pages = None      # what dirty pass 1 wrote: the lazy-split prediction needs it
+
+    # -- entry point -------------------------------------------------------------------
+    def run(self) -> ScenarioResult:
+        r = self.res
+        r.started = time.time()
+        t0 = time.monotonic()
+        skip = self._prerequisites()
+        if skip:
+            r.verdict, r.reasons = SKIP, [skip]
+            r.duration_s = 0.0
+            return r
+        guard = KernelLogGuard(accept_user=self.opt.accept_user_log)
+        guard.start()
+        error = None
+        try:
+            self._setup()
+            self._phases()
+        except VmBugged as e:
+            self.vm_bugged = f"{e.ioctl} returned EIO in phase {self.cur_phase}"
+        except GuestTimeout as e:
+            error = f"guest hung in phase {self.cur_phase}: {e}"
+        except GuestError as e:
+            error = f"guest failed in phase {self.cur_phase}: {e}"
+        except KvmIoctlError as e:
+            error = f"{e} (phase {self.cur_phase})"
+        except MemoryError:
+            error = f"out of memory in phase {self.cur_phase}"
+        except BaseException:
+            r.verdict, r.error_phase = ERROR, self.cur_phase
+            r.reasons = [f"interrupted in phase {self.cur_phase}"]
+            raise
+        finally:
+            self._teardown()
+            r.kernel_log = guard.stop().to_dict()
+            r.duration_s = time.monotonic() - t0
+        r.dirty = {"passes": self.dirty_passes, "initially_set": self.initially_set}
+        verdict.judge(self, error)
+        return r
+
+    def _prerequisites(self) -> str | None:
+        s, caps = self.s, self.facts.get("kvm", {}).get("capabilities", {})
+        if s.dirty_mode.capability and not caps.get(s.dirty_mode.capability):
+            return f"KVM lacks KVM_CAP_{s.dirty_mode.capability}"
+        if s.dirty_mode.ring and s.ring_size > caps.get(s.dirty_mode.capability, 0):
+            return f"ring_size {s.ring_size} exceeds KVM's maximum {caps.get(s.dirty_mode.capability)}"
+        if s.guest_page == "1g" and not self.facts.get("kvm", {}).get("guest_features", {}).get("pdpe1gb"):
+            return ("KVM does not offer 1G guest pages here (no PDPE1GB in "
+                    "KVM_GET_SUPPORTED_CPUID)")
+        if s.backing is Backing.THP and self.facts.get("thp") == "never":
+            return "transparent hugepages are disabled on this host (THP=never)"
+        if s.backing.hugetlb_kb:
+            return self.host.ensure_hugepages(s.backing.hugetlb_kb, s.size // s.backing.page_size)
+        return None
+
+    # -- set-up -------------------------------------------------------------------------
+    def _setup(self) -> None:
+        s = self.s
+        fault = FaultInjector(self.opt.inject_eio) if self.opt.inject_eio else None
+        # page tables for the test region live in system memory: 2M per GiB at 4K pages
+        sys_mem = (8 << 20) + (((s.size >> 30) + 1) << 21 if s.guest_page == "4k" else 0)
+        self.m = Machine(self.kvm, nr_vcpus=s.vcpus, sys_mem=sys_mem,
+                         dirty_ring_bytes=s.ring_size if s.dirty_mode.ring else 0,
+                         ring_acq_rel=s.dirty_mode is DirtyMode.RING_ACQ_REL,
+                         manual_protect=s.dirty_mode.manual,
+                         initially_set=s.dirty_mode is DirtyMode.MANUAL_INIT_SET,
+                         fault=fault)
+        try:
+            self.mem = GuestMemory(s.backing, s.size)
+        except OSError as e:
+            raise GuestError(f"cannot allocate {s.size >> 20} MiB of {s.backing.value} memory: "
+                             f"{e.strerror}") from None
+        self.slots = []
+        for i in range(s.memslots):
+            off = i * s.slot_size
+            self.slots.append(self.m.add_slot(FIRST_TEST_SLOT + i, TEST_GPA + off, self.mem,
+                                              offset=off, size=s.slot_size))
+        self.m.load(self.image)
+
+    def _teardown(self) -> None:
+        if self.m is not None:
+            self.res.console_tail = self.m.console[-20:]
+            self.m.close()
+        if self.mem is not None:
+            self.mem.close()
+
+    # -- phases ---------------------------------------------------------------------------
+    @contextmanager
+    def phase(self, name: str):
+        self.cur_phase = name
+        if self.opt.on_phase:
+            self.opt.on_phase(self.s.name, name)
+        before = self._vcpu_stats()
+        k0 = self.kernel_s
+        t = time.monotonic()
+        yield
+        dur = time.monotonic() - t
+        after = self._vcpu_stats()
+        self.res.phases.append(Phase(name, dur, self.kernel_s - k0, self._vm_stats(),
+                                     {k: after[k] - before[k] for k in after}))
+
+    @contextmanager
+    def in_kernel(self):
+        """Account time spent waiting on the guest or in KVM: what the
+        harness overhead is measured against (bench/)."""
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.kernel_s += time.monotonic() - t
+
+    def _vm_stats(self) -> dict:
+        st = self.m.vm.stats
+        return st.read([n for n in VM_STATS if n in st.descs])
+
+    def _vcpu_stats(self) -> dict:
+        tot: dict[str, int] = {}
+        for c in self.m.cpus:
+            st = c.vcpu.stats
+            for k, v in st.read([n for n in VCPU_STATS if n in st.descs]).items():
+                tot[k] = tot.get(k, 0) + v
+        return tot
+
+    def _timeout(self) -> float:
+        return self.opt.phase_timeout or self.s.timeout_for(self.cur_phase)
+
+    def _command_all(self, make_cmd, kind: str) -> list[ucall.GuestLine]:
+        """Send each vCPU its command, wait for every DONE."""
+        hang = self.opt.inject_hang == self.cur_phase
+        with self.in_kernel():
+            for c in range(self.s.vcpus):
+                self.m.send(c, ucall.CMD_HANG if hang else make_cmd(c))
+            return [self.m.expect(c, "DONE", self._timeout(), f"{kind} in phase {self.cur_phase}")
+                    for c in range(self.s.vcpus)]
+
+    def _partition(self, cpu: int) -> tuple[int, int]:
+        per = self.s.npages // self.s.vcpus
+        return cpu * per, per
+
+    def _phases(self) -> None:
+        s, m = self.s, self.m
+        with self.phase("boot"), self.in_kernel():
+            m.start([0])
+            hello = m.expect(0, "HELLO", self._timeout(), "HELLO")
+            if hello.ints()[0] != ucall.PROTO_VERSION:
+                raise GuestError(f"guest speaks protocol {hello.args[0]}, host {ucall.PROTO_VERSION}")
+            m.send(0, ucall.cmd_map(TEST_GPA, s.size, ucall.PAGE_SHIFTS[s.guest_page]))
+            m.expect(0, "MAPPED", self._timeout(), "MAPPED")
+            m.expect(0, "READY", self._timeout(), "READY")
+            m.start()    # the APs boot on the page tables the BSP built
+            for c in range(1, s.vcpus):
+                m.expect(c, "READY", self._timeout(), "READY")
+
+        with self.phase("populate"):
+            self._write_pass(0, "seq", 100, check_dirty=False)
+        # what the host kernel backs with huge pages: tells "THP gave none" from a KVM bug
+        self.host_huge_bytes = self.mem.huge_bytes()
+
+        with self.phase("enable"), self.in_kernel():
+            for sl in self.slots:
+                m.set_slot_flags(sl.slot, uapi.MEM_LOG_DIRTY_PAGES)
+
+        if s.dirty_mode.manual:
+            with self.phase("first-clear"):
+                self._first_clear()
+
+        for p in range(1, s.passes + 1):
+            with self.phase(f"dirty-{p}"):
+                self._write_pass(p, s.pattern, s.percent, check_dirty=True)
+
+        with self.phase("disable"), self.in_kernel():
+            for sl in self.slots:
+                m.set_slot_flags(sl.slot, 0)
+
+        with self.phase("recovery"):
+            self._write_pass(s.passes + 1, "seq", 100, check_dirty=False)
+
+        with self.phase("verify"):
+            self._verify()
+
+    # -- the work in each phase -----------------------------------------------------------
+    def _write_pass(self, pass_no: int, pattern: str, pct: int, check_dirty: bool) -> None:
+        s = self.s
+        parts = [self._partition(c) for c in range(s.vcpus)]
+        t = time.monotonic()
+        done = self._command_all(
+            lambda c: ucall.cmd_write(pass_no, pattern, pct, s.seed, *parts[c]), "write pass")
+        guest_s = time.monotonic() - t
+        pages = np.concatenate([ucall.written_pages(pass_no, pattern, pct, s.seed, *p) for p in parts])
+        reported = sum(int(d.args[2], 16) for d in done)
+        if reported != len(pages):
+            raise GuestError(f"pass {pass_no}: guest wrote {reported} pages, host computed {len(pages)}")
+        self._check_memory(pass_no, pages)
+        if pass_no == 1:
+            self.pass1_pages = pages
+        if check_dirty:
+            self._check_dirty(pass_no, pages, guest_s)
+
+    def _check_memory(self, pass_no: int, pages: np.ndarray) -> None:
+        """The guest's writes must be in host memory at the right place: a split
+        that maps the wrong host page shows up here, not in the dirty log."""
+        q = self.mem.qwords()
+        got = q[pages.astype(np.int64) * 512]
+        bad = np.flatnonzero(got != ucall.marker(pass_no, pages))
+        if bad.size:
+            self.memory_mismatch.append({"pass": pass_no, "pages": int(bad.size),
+                                         "sample": [int(pages[i]) for i in bad[:8]]})
+        del q, got
+
+    def _harvest(self) -> tuple[np.ndarray, dict]:
+        """The dirty set as KVM reports it (bool per test-region page), and
+        mode-specific counters."""
+        s = self.s
+        got = np.zeros(s.npages, dtype=bool)
+        info: dict = {}
+        per_slot = s.slot_size >> 12
+        if s.dirty_mode.ring:
+            with self.in_kernel():
+                entries = self.m.harvest_rings()
+            info["ring_entries"] = len(entries)
+            info["ring_full_exits"] = self.m.ring_full_exits
+            for slot, off in entries:
+                idx = (slot & 0xFFFF) - FIRST_TEST_SLOT
+                if 0 <= idx < s.memslots and off < per_slot:
+                    got[idx * per_slot + off] = True
+                else:
+                    info["foreign_entries"] = info.get("foreign_entries", 0) + 1
+            info["duplicates"] = len(entries) - int(got.sum()) - info.get("foreign_entries", 0)
+            return got, info
+        for i, sl in enumerate(self.slots):
+            bm = self._get_log(sl)
+            got[i * per_slot:(i + 1) * per_slot] = _bits(bm, per_slot)
+            if s.dirty_mode.manual:
+                self._clear_log(sl, bm)
+        return got, info
+
+    def _get_log(self, sl) -> bytearray:
+        bm = bytearray(((sl.npages + 63) // 64) * 8)
+        with self.in_kernel():
+            self.m.vm.get_dirty_log(sl.slot, bm)
+        return bm
+
+    def _clear_log(self, sl, bm: bytearray) -> int:
+        """KVM_CLEAR_DIRTY_LOG over the slot in clear_chunk pieces; returns calls made."""
+        chunk = self.s.clear_chunk >> 12
+        calls = 0
+        for first in range(0, sl.npages, chunk):
+            n = min(chunk, sl.npages - first)
+            part = bytearray(bm[first // 8:(first + n + 7) // 8])
+            with self.in_kernel():
+                self.m.vm.clear_dirty_log(sl.slot, first, n, part)
+            calls += 1
+        return calls
+
+    def _check_dirty(self, pass_no: int, pages: np.ndarray, guest_s: float) -> None:
+        t = time.monotonic()
+        got, info = self._harvest()
+        harvest_s = time.monotonic() - t
+        want = np.zeros(self.s.npages, dtype=bool)
+        want[pages.astype(np.int64)] = True
+        missing = np.flatnonzero(want & ~got)
+        extra = np.flatnonzero(got & ~want)
+        self.dirty_passes.append({
+            "pass": pass_no, "written": int(want.sum()), "harvested": int(got.sum()),
+            "missing": int(missing.size), "extra": int(extra.size),
+            "missing_sample": [int(x) for x in missing[:8]],
+            "extra_sample": [int(x) for x in extra[:8]],
+            "guest_s": round(guest_s, 6), "harvest_s": round(harvest_s, 6), **info})
+
+    def _first_clear(self) -> None:
+        """Manual protect: read the log once (all set with INITIALLY_SET, empty
+        without) and clear it, which is where KVM write-protects (and, with
+        INITIALLY_SET and eager splitting, splits)."""
+        want_all = self.s.dirty_mode is DirtyMode.MANUAL_INIT_SET
+        seen = wrong = calls = 0
+        for sl in self.slots:
+            bm = self._get_log(sl)
+            bits = _bits(bm, sl.npages)
+            seen += int(bits.sum())
+            wrong += int((~bits).sum() if want_all else bits.sum())
+            if want_all:
+                calls += self._clear_log(sl, bm)
+            else:
+                # nothing is dirty yet: clear everything anyway, as a VMM's first
+                # round does, so KVM write-protects through the clear path
+                calls += self._clear_log(sl, bytearray(b"\xff" * len(bm)))
+        self.initially_set = {"expected_all_set": want_all, "pages_set": seen,
+                              "pages_wrong": wrong, "clear_calls": calls}
+
+    def _verify(self) -> None:
+        """The VM is alive and sees what the host sees: each vCPU's XOR over its
+        partition equals the host's XOR over the same memory."""
+        q = self.mem.qwords()[::512]
+        done = self._command_all(lambda c: ucall.cmd_read(*self._partition(c)), "read pass")
+        mismatch = []
+        for c, d in enumerate(done):
+            first, n = self._partition(c)
+            host = int(np.bitwise_xor.reduce(q[first:first + n])) if n else 0
+            guest = int(d.args[1], 16)
+            if host != guest:
+                mismatch.append({"cpu": c, "guest": hex(guest), "host": hex(host)})
+        del q
+        self.verify = {"vcpus": len(done), "mismatch": mismatch}
+
+
+def _bits(bm: bytearray, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bm, dtype=np.uint8), bitorder="little")[:n].astype(bool)
+
+
+__all__ = ["ScenarioRun", "RunOptions", "TEST_GPA", "FAIL"]

@@ -1,0 +1,69 @@
+"""What split behaviour a scenario should show on this host: one rule table.
+
+The first rule whose condition holds decides. Each rule carries the reason,
+which is printed next to the verdict: when a developer disagrees with an
+expectation, the reason is what they need to see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from kvmsplit.host.facts import param_value
+from kvmsplit.vmm.memory import Backing
+from kvmsplit.scenario.model import DirtyMode, Scenario
+
+
+@dataclass(frozen=True)
+class Expectation:
+    split: str            # "eager", "lazy" or "none" (nothing huge to split)
+    when: str | None      # eager only: "enable" or "first-clear"
+    reason: str
+    overridden: bool = False
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "when": self.when, "reason": self.reason,
+                "overridden": self.overridden}
+
+
+@dataclass(frozen=True)
+class Rule:
+    applies: Callable[[Scenario, dict], bool]
+    split: str
+    when: str | None
+    reason: str
+
+
+def _paging(h: dict) -> str:
+    return h.get("virtualization", {}).get("paging", "unknown")
+
+
+RULES: list[Rule] = [
+    Rule(lambda s, h: s.backing is Backing.ANON, "none", None,
+         "4K anonymous backing: the host has no huge pages for KVM to map huge"),
+    Rule(lambda s, h: _paging(h) == "shadow" and s.guest_page == "4k", "none", None,
+         "shadow paging maps a guest page no larger than the guest's own 4K page"),
+    Rule(lambda s, h: param_value(h, "eager_page_split") is None, "lazy", None,
+         "this kernel has no kvm.eager_page_split (before 5.18): huge pages split on write faults"),
+    Rule(lambda s, h: param_value(h, "eager_page_split") is False, "lazy", None,
+         "kvm.eager_page_split=N: huge pages split on the guest's first write fault"),
+    Rule(lambda s, h: _paging(h) == "shadow" or param_value(h, "tdp_mmu") is False, "lazy", None,
+         "eager splitting is done by the TDP MMU only; with tdp_mmu=N / shadow paging the "
+         "shadow MMU splits on write faults"),
+    Rule(lambda s, h: s.dirty_mode is DirtyMode.MANUAL_INIT_SET, "eager", "first-clear",
+         "manual protect with KVM_DIRTY_LOG_INITIALLY_SET write-protects nothing at enable; "
+         "KVM splits eagerly at the first KVM_CLEAR_DIRTY_LOG"),
+    Rule(lambda s, h: True, "eager", "enable",
+         "TDP MMU with eager_page_split=Y: KVM splits huge pages when dirty logging is enabled"),
+]
+
+
+def expect(s: Scenario, facts: dict, override: str | None = None) -> Expectation:
+    rule = next(r for r in RULES if r.applies(s, facts))
+    forced = override or (s.expect if s.expect != "auto" else None)
+    if forced and forced != rule.split:
+        when = ("first-clear" if s.dirty_mode is DirtyMode.MANUAL_INIT_SET else "enable") \
+            if forced == "eager" else None
+        return Expectation(forced, when, f"overridden (--expect/expect={forced}); the host rule "
+                           f"says {rule.split}: {rule.reason}", overridden=True)
+    return Expectation(rule.split, rule.when, rule.reason)

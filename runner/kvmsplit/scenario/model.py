@@ -1,0 +1,261 @@
+"""What a scenario is, how scenario files are read, and the default suite.
+
+A Scenario is immutable and fully explicit (seed included), so its dict in
+results.json is enough to run exactly the same thing again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from kvmsplit.errors import BadInputError, UnavailableError, read_input
+from kvmsplit.vmm.guest.ucall import PAGE_SHIFTS, PATTERNS
+from kvmsplit.vmm.memory import GB, MB, Backing
+
+GUEST_MAX_CPUS = 64   # MAX_CPUS in guests/Makefile
+
+
+class DirtyMode(str, Enum):
+    BITMAP = "bitmap"              # KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG
+    MANUAL = "manual"              # MANUAL_DIRTY_LOG_PROTECT2 + KVM_CLEAR_DIRTY_LOG
+    MANUAL_INIT_SET = "manual-init-set"   # ... with KVM_DIRTY_LOG_INITIALLY_SET
+    RING = "ring"                  # KVM_CAP_DIRTY_LOG_RING
+    RING_ACQ_REL = "ring-acq-rel"  # KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+
+    @property
+    def manual(self) -> bool:
+        return self in (DirtyMode.MANUAL, DirtyMode.MANUAL_INIT_SET)
+
+    @property
+    def ring(self) -> bool:
+        return self in (DirtyMode.RING, DirtyMode.RING_ACQ_REL)
+
+    @property
+    def capability(self) -> str | None:
+        return {"manual": "MANUAL_DIRTY_LOG_PROTECT2", "manual-init-set": "MANUAL_DIRTY_LOG_PROTECT2",
+                "ring": "DIRTY_LOG_RING", "ring-acq-rel": "DIRTY_LOG_RING_ACQ_REL"}.get(self.value)
+
+
+EXPECTATIONS = ("auto", "eager", "lazy", "none")
+GUEST_PAGE_SIZES = {k: 1 << v for k, v in PAGE_SHIFTS.items()}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    backing: Backing = Backing.THP
+    guest_page: str = "2m"
+    size: int = 256 * MB
+    vcpus: int = 1
+    memslots: int = 1
+    dirty_mode: DirtyMode = DirtyMode.BITMAP
+    pattern: str = "seq"
+    percent: int = 100
+    seed: int = 1
+    passes: int = 2
+    expect: str = "auto"
+    ring_size: int = 64 * 1024        # bytes per vCPU ring
+    clear_chunk: int = 64 * MB        # KVM_CLEAR_DIRTY_LOG granularity, bytes
+    phase_timeout: float | None = None
+
+    @property
+    def npages(self) -> int:
+        return self.size >> 12
+
+    @property
+    def slot_size(self) -> int:
+        return self.size // self.memslots
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["backing"] = self.backing.value
+        d["dirty_mode"] = self.dirty_mode.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "scenario") -> "Scenario":
+        return _build(dict(d), where)
+
+    def timeout_for(self, phase: str) -> float:
+        """Per-phase guest timeout. Generous: a nested TCG host is ~100x slower
+        than this box, and a hang is caught by it either way."""
+        if self.phase_timeout:
+            return self.phase_timeout
+        return 60.0 + 120.0 * self.size / GB
+
+
+# -- parsing and validation -------------------------------------------------------
+_FIELDS = {f.name: f for f in dataclasses.fields(Scenario)}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.I)
+
+
+def parse_size(v, key: str = "size") -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"{key}: expected a size like 256M, got {v!r}")
+    if isinstance(v, int):
+        return v
+    m = _SIZE_RE.match(str(v))
+    if not m:
+        raise ValueError(f"{key}: expected a size like 256M or 1G, got {v!r}")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+
+
+def _fmt_size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _build(d: dict, where: str) -> Scenario:
+    unknown = [k for k in d if k not in _FIELDS]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, list(_FIELDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(_FIELDS)})"
+        raise BadInputError(f"{where}: unknown key '{k}'{hint}")
+    if "name" not in d:
+        raise BadInputError(f"{where}: missing 'name'")
+    try:
+        if "backing" in d:
+            d["backing"] = _enum(Backing, d["backing"], "backing")
+        if "dirty_mode" in d:
+            d["dirty_mode"] = _enum(DirtyMode, d["dirty_mode"], "dirty_mode")
+        for k in ("size", "ring_size", "clear_chunk"):
+            if k in d:
+                d[k] = parse_size(d[k], k)
+        for k in ("vcpus", "memslots", "percent", "seed", "passes"):
+            if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool)):
+                raise ValueError(f"{k}: expected an integer, got {d[k]!r}")
+        if d.get("phase_timeout") is not None and not isinstance(d["phase_timeout"], (int, float)):
+            raise ValueError(f"phase_timeout: expected seconds, got {d['phase_timeout']!r}")
+        s = Scenario(**d)
+        validate(s)
+    except ValueError as e:
+        raise BadInputError(f"{where} '{d.get('name')}': {e}") from None
+    return s
+
+
+def _enum(cls, v, key):
+    try:
+        return cls(v)
+    except ValueError:
+        raise ValueError(f"{key}: unknown value {v!r} (one of: {', '.join(m.value for m in cls)})") from None
+
+
+def validate(s: Scenario) -> None:
+    """Reject what can never run, whatever the host. Raises ValueError."""
+    if s.guest_page not in GUEST_PAGE_SIZES:
+        raise ValueError(f"guest_page: unknown value {s.guest_page!r} (one of: 4k, 2m, 1g)")
+    if s.pattern not in PATTERNS:
+        raise ValueError(f"pattern: unknown value {s.pattern!r} (one of: {', '.join(PATTERNS)})")
+    if s.expect not in EXPECTATIONS:
+        raise ValueError(f"expect: unknown value {s.expect!r} (one of: {', '.join(EXPECTATIONS)})")
+    if not 1 <= s.vcpus <= GUEST_MAX_CPUS:
+        raise ValueError(f"vcpus: must be 1..{GUEST_MAX_CPUS}, got {s.vcpus}")
+    if not 1 <= s.memslots <= 256:
+        raise ValueError(f"memslots: must be 1..256, got {s.memslots}")
+    if not 0 <= s.percent <= 100:
+        raise ValueError(f"percent: must be 0..100, got {s.percent}")
+    if not 1 <= s.passes <= 1000:
+        raise ValueError(f"passes: must be 1..1000, got {s.passes}")
+    if not 0 <= s.seed < 1 << 63:
+        raise ValueError(f"seed: must be 0..2^63-1, got {s.seed}")
+    if s.size <= 0 or s.size > 512 * GB:
+        raise ValueError(f"size: must be between 4K and 512G, got {_fmt_size(s.size)}")
+    gran = max(GUEST_PAGE_SIZES[s.guest_page], s.backing.page_size)
+    if s.slot_size * s.memslots != s.size or s.slot_size % gran:
+        raise ValueError(f"size {_fmt_size(s.size)} does not split into {s.memslots} memslot(s) "
+                         f"of whole {_fmt_size(gran)} pages ({s.backing.value} backing, "
+                         f"{s.guest_page} guest pages)")
+    if s.npages % s.vcpus:
+        raise ValueError(f"{s.npages} pages do not split evenly over {s.vcpus} vCPUs")
+    if s.ring_size & (s.ring_size - 1) or s.ring_size < 4096:
+        raise ValueError(f"ring_size: must be a power of two >= 4K, got {s.ring_size}")
+    if s.clear_chunk % (64 * 4096) or s.clear_chunk <= 0:
+        raise ValueError("clear_chunk: must be a positive multiple of 256K (64 pages)")
+
+
+def load_file(path: str | Path) -> list[Scenario]:
+    """Scenarios from a TOML file: optional [defaults] and [[scenario]] tables."""
+    p = Path(path)
+    text = read_input(p, "scenario file")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BadInputError(f"{p}: not valid TOML: {e}") from None
+    extra = [k for k in doc if k not in ("defaults", "scenario")]
+    if extra:
+        raise BadInputError(f"{p}: unknown top-level key '{extra[0]}' (expected [defaults] and [[scenario]])")
+    defaults = doc.get("defaults", {})
+    items = doc.get("scenario", [])
+    if not isinstance(items, list) or not items:
+        raise BadInputError(f"{p}: no [[scenario]] tables")
+    out, seen = [], set()
+    for i, item in enumerate(items, 1):
+        s = _build({**defaults, **item}, f"{p}: scenario #{i}")
+        if s.name in seen:
+            raise BadInputError(f"{p}: scenario #{i}: duplicate name '{s.name}'")
+        seen.add(s.name)
+        out.append(s)
+    return out
+
+
+def default_suite(facts: dict | None = None) -> list[Scenario]:
+    """Each backing x each dirty mode x each guest page size, a few hundred
+    MiB each (1 GiB where 1G pages are involved), plus multi-vCPU, multi-slot
+    and random-pattern variants. Sized down on hosts with little memory."""
+    avail = (facts or {}).get("memory", {}).get("available") or 8 * GB
+    base = 256 * MB if avail >= 4 * GB else 64 * MB
+    out = []
+    for backing in Backing:
+        for gp in ("4k", "2m", "1g"):
+            if gp == "1g" and backing is not Backing.HUGETLB_1G:
+                continue    # a 1G guest page maps huge only over 1G host pages
+            size = GB if (gp == "1g" or backing is Backing.HUGETLB_1G) else base
+            if size > avail // 2:
+                continue
+            for mode in DirtyMode:
+                out.append(Scenario(name=f"{backing.value}/{gp}/{mode.value}", backing=backing,
+                                    guest_page=gp, size=size, dirty_mode=mode))
+    out += [
+        Scenario(name="thp/2m/bitmap/2vcpu-2slot-random", backing=Backing.THP, guest_page="2m",
+                 size=2 * base, vcpus=2, memslots=2, pattern="random", percent=50, seed=7, passes=3),
+        Scenario(name="hugetlb-2m/2m/ring/2vcpu-random", backing=Backing.HUGETLB_2M, guest_page="2m",
+                 size=base, vcpus=2, dirty_mode=DirtyMode.RING, pattern="random", percent=30, seed=11,
+                 passes=3),
+        Scenario(name="hugetlb-2m/2m/manual/4slot-seq50", backing=Backing.HUGETLB_2M, guest_page="2m",
+                 size=base, memslots=4, dirty_mode=DirtyMode.MANUAL, percent=50, clear_chunk=16 * MB),
+    ]
+    return out
+
+
+def select(scenarios: list[Scenario], patterns: list[str] | None) -> list[Scenario]:
+    """-k: keep scenarios whose name contains any pattern (globs allowed)."""
+    if not patterns:
+        return scenarios
+    def hit(name: str, pat: str) -> bool:
+        return fnmatch.fnmatchcase(name, pat) if any(c in pat for c in "*?[") else pat in name
+    return [s for s in scenarios if any(hit(s.name, p) for p in patterns)]
+
+
+def check_fits_host(scenarios: list[Scenario], facts: dict) -> None:
+    """Refuse up front what this host can never run (before anything starts)."""
+    total = facts.get("memory", {}).get("total")
+    ncpu = facts.get("kvm", {}).get("capabilities", {}).get("MAX_VCPUS")
+    for s in scenarios:
+        if total and s.size > total:
+            raise UnavailableError(f"scenario '{s.name}' needs {_fmt_size(s.size)} of guest memory "
+                                   f"but this host has {total / GB:.1f} GiB of RAM")
+        if ncpu and s.vcpus > ncpu:
+            raise UnavailableError(f"scenario '{s.name}' needs {s.vcpus} vCPUs; KVM allows {ncpu}")
+
+
+__all__ = ["Scenario", "DirtyMode", "Backing", "load_file", "default_suite", "select",
+           "check_fits_host", "parse_size"]

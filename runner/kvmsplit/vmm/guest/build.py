@@ -1,0 +1,63 @@
+"""Build the multiboot guest on first use, cached by a hash of its sources.
+
+The cache key covers every file in guests/ plus the compiler's version, so an
+edited source or a new toolchain rebuilds, and an unchanged tree costs one
+directory listing and a hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kvmsplit.errors import UnavailableError
+from kvmsplit.paths import cache_dir, guests_dir
+
+TOOLS = ("make", "gcc", "ld", "objcopy")
+
+
+def _source_hash(src: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in src.iterdir() if p.is_file() and p.suffix in (".S", ".c", ".h", ".ld", "")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    try:
+        h.update(subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.encode())
+    except OSError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def guest_image(src: Path | None = None) -> Path:
+    """Path of the built guest ELF, building it if the cache lacks it."""
+    src = Path(src or guests_dir())
+    if not (src / "Makefile").is_file():
+        raise UnavailableError(f"guest sources not found at {src} (set KVMSPLIT_GUESTS_DIR)")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        raise UnavailableError(f"cannot build the guest: {', '.join(missing)} not found "
+                               "(install gcc, make and binutils)")
+    out = cache_dir() / "guests" / _source_hash(src)
+    image = out / "guest.elf"
+    if image.is_file():
+        return image
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build into a private directory and rename: concurrent runs never see half a build
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
+    try:
+        r = subprocess.run(["make", "-s", "-C", str(src), f"OUT={tmp}"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            first = next((l for l in (r.stderr + r.stdout).splitlines() if "error" in l.lower()),
+                         (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"])
+            raise UnavailableError(f"guest build failed: {first if isinstance(first, str) else first[0]}")
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process won the race; its build is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return image

@@ -1,0 +1,337 @@
+"""A minimal x86 machine on /dev/kvm: memslots, a multiboot guest, one thread
+per vCPU, a COM1 line device and an exit port.
+
+The controller (scenario.py) talks to the guest with `send()`/`expect()`;
+vCPU threads turn KVM exits into events on one queue. A vCPU that never comes
+back out of KVM_RUN is kicked with a signal plus `immediate_exit`, so a hung
+guest costs a timeout, never a hung runner.
+"""
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kvmsplit.vmm.guest import ucall
+from kvmsplit.vmm.guest.loader import MB_BOOT_MAGIC, load_multiboot
+from kvmsplit.vmm.kvm import FaultInjector, Kvm, KvmIoctlError, VmBugged, uapi
+from kvmsplit.vmm.memory import Backing, GuestMemory
+
+KICK_SIGNAL = signal.SIGUSR1
+SYS_SLOT = 0
+SYS_GPA = 0
+
+LSR_DATA_READY = 0x01
+LSR_THR_EMPTY = 0x60
+
+
+class GuestError(Exception):
+    """The guest stopped, crashed or said something it should not have."""
+
+
+class GuestTimeout(GuestError):
+    pass
+
+
+@dataclass
+class Slot:
+    slot: int
+    gpa: int
+    size: int
+    mem: GuestMemory
+    offset: int = 0          # byte offset of this slot within `mem`
+    flags: int = 0
+
+    @property
+    def hva(self) -> int:
+        return self.mem.hva + self.offset
+
+    @property
+    def npages(self) -> int:
+        return self.size >> 12
+
+
+@dataclass
+class _VcpuState:
+    vcpu: object
+    inbox: "queue.Queue[bytes]" = field(default_factory=queue.Queue)
+    pending: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    thread: threading.Thread | None = None
+
+
+def _install_kick_handler() -> None:
+    # The default action of SIGUSR1 is to terminate; any handler makes it a
+    # plain interruption of the vCPU thread's KVM_RUN (EINTR).
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+
+
+class Machine:
+    def __init__(self, kvm: Kvm, *, nr_vcpus: int = 1, sys_mem: int = 8 << 20,
+                 dirty_ring_bytes: int = 0, ring_acq_rel: bool = True,
+                 manual_protect: bool = False, initially_set: bool = False,
+                 fault: FaultInjector | None = None):
+        _install_kick_handler()
+        self.kvm = kvm
+        self.vm = kvm.create_vm()
+        self.vm.fault = fault
+        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.console: list[str] = []           # every line the guest printed
+        self._backlog: list[ucall.GuestLine] = []
+        self.slots: dict[int, Slot] = {}
+        self._mems: list[GuestMemory] = []
+        self._stop = threading.Event()
+        self._ring_lock = threading.Lock()
+        self.ring_harvest: list[tuple[int, int]] = []   # (slot, offset) from ring-full exits
+        self.ring_full_exits = 0
+        if manual_protect:
+            self.vm.enable_manual_dirty_log_protect(initially_set)
+        if dirty_ring_bytes:
+            self.vm.enable_dirty_ring(dirty_ring_bytes, ring_acq_rel)
+        try:
+            self.vm.set_tss_addr()
+        except KvmIoctlError:
+            pass  # only VMX needs it, and PVM refuses it; harmless either way
+        sysmem = GuestMemory(Backing.ANON, sys_mem)
+        self._mems.append(sysmem)
+        self.add_slot(SYS_SLOT, SYS_GPA, sysmem)
+        self.sysmem = sysmem
+        cpuid = kvm.supported_cpuid()
+        self.cpus: list[_VcpuState] = []
+        for i in range(nr_vcpus):
+            v = self.vm.vcpu_add(i)
+            v.set_cpuid(_cpuid_for(cpuid, i))
+            self.cpus.append(_VcpuState(v))
+
+    # -- memory -------------------------------------------------------------------
+    def add_slot(self, slot: int, gpa: int, mem: GuestMemory, offset: int = 0,
+                 size: int | None = None, flags: int = 0) -> Slot:
+        s = Slot(slot, gpa, size if size is not None else mem.size, mem, offset, flags)
+        self.vm.userspace_mem_region_add(slot, gpa, s.size, s.hva, flags)
+        self.slots[slot] = s
+        return s
+
+    def set_slot_flags(self, slot: int, flags: int) -> None:
+        s = self.slots[slot]
+        self.vm.userspace_mem_region_add(slot, s.gpa, s.size, s.hva, flags)
+        s.flags = flags
+
+    # -- boot ---------------------------------------------------------------------
+    def load(self, image) -> None:
+        self.boot = load_multiboot(image, self.sysmem.buf, SYS_GPA, self.sysmem.size)
+        for st in self.cpus:
+            _set_multiboot_state(st.vcpu, self.boot.entry, self.boot.mbinfo_gpa)
+
+    def start(self, cpus=None) -> None:
+        """Start vCPU threads (all, or the given indices)."""
+        for i in (range(len(self.cpus)) if cpus is None else cpus):
+            st = self.cpus[i]
+            if st.thread is None:
+                st.thread = threading.Thread(target=self._vcpu_loop, args=(st,),
+                                             name=f"vcpu{i}", daemon=True)
+                st.thread.start()
+
+    # -- the controller's side of the ucall protocol --------------------------------
+    def send(self, cpu: int, line: str) -> None:
+        self.cpus[cpu].inbox.put(line.encode())
+
+    def expect(self, cpu: int, kind: str, timeout: float, what: str = "") -> ucall.GuestLine:
+        """Wait for '@cpu KIND ...'. Guest death, an exception report, an ERR
+        line or a timeout raise GuestError; other vCPUs' lines wait in a backlog."""
+        for i, gl in enumerate(self._backlog):
+            if gl.cpu == cpu and gl.kind == kind:
+                return self._backlog.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestTimeout(f"guest cpu {cpu} did not answer {what or kind} within {timeout:.0f}s")
+            try:
+                ev = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            tag = ev[0]
+            if tag == "line":
+                gl = ev[2]
+                if gl is None:
+                    continue
+                if gl.kind in ("EXC", "ERR"):
+                    raise GuestError(f"guest cpu {gl.cpu}: {gl.text}")
+                if gl.cpu == cpu and gl.kind == kind:
+                    return gl
+                self._backlog.append(gl)   # another vCPU's answer: keep it for its expect()
+            elif tag == "vmbugged":
+                raise ev[2]
+            elif tag in ("exit", "dead"):
+                raise GuestError(ev[2])
+
+    # -- vCPU threads ---------------------------------------------------------------
+    def _event(self, *ev) -> None:
+        self.events.put(ev)
+
+    def _vcpu_loop(self, st: _VcpuState) -> None:
+        v = st.vcpu
+        run = v.run_struct
+        try:
+            while not self._stop.is_set():
+                try:
+                    reason = v.run()
+                except InterruptedError:
+                    continue
+                if reason == uapi.EXIT_IO:
+                    if self._handle_io(st):
+                        return
+                elif reason == uapi.EXIT_DIRTY_RING_FULL:
+                    self._harvest_ring(v)
+                elif reason == uapi.EXIT_HLT:
+                    self._event("dead", v.id, f"vcpu {v.id} halted unexpectedly")
+                    return
+                elif reason == uapi.EXIT_SHUTDOWN:
+                    self._event("dead", v.id, f"vcpu {v.id}: SHUTDOWN exit (triple fault)")
+                    return
+                elif reason == uapi.EXIT_INTERNAL_ERROR:
+                    ie = run.exit.internal
+                    self._event("dead", v.id, f"vcpu {v.id}: INTERNAL_ERROR suberror {ie.suberror} "
+                                f"data {[hex(x) for x in ie.data[:ie.ndata]]}")
+                    return
+                elif reason == uapi.EXIT_FAIL_ENTRY:
+                    fe = run.exit.fail_entry
+                    self._event("dead", v.id, f"vcpu {v.id}: FAIL_ENTRY reason "
+                                f"{fe.hardware_entry_failure_reason:#x}")
+                    return
+                else:
+                    self._event("dead", v.id, f"vcpu {v.id}: unexpected exit {uapi.EXIT_NAMES.get(reason, reason)}")
+                    return
+        except VmBugged as e:
+            # without its traceback: the vCPU thread's frames hold views of the
+            # mmap'd kvm_run, which could then never be unmapped
+            self._event("vmbugged", v.id, e.with_traceback(None))
+        except KvmIoctlError as e:
+            self._event("dead", v.id, f"vcpu {v.id}: {e}")
+
+    def _handle_io(self, st: _VcpuState) -> bool:
+        """Serve one IO exit. Returns True when the guest asked to exit."""
+        io = st.vcpu.run_struct.exit.io
+        data = st.vcpu.io_data()
+        if io.direction == uapi.EXIT_IO_OUT:
+            if io.port == ucall.COM1:
+                self._uart_out(st, bytes(data))
+            elif io.port == ucall.EXIT_PORT:
+                code = data[0]
+                self._event("exit", st.vcpu.id, f"vcpu {st.vcpu.id}: guest exited with code {code:#x}")
+                return True
+            return False
+        # IN
+        if io.port == ucall.COM1_LSR:
+            for i in range(io.count):
+                data[i] = LSR_THR_EMPTY | (LSR_DATA_READY if self._uart_ready(st) else 0)
+        elif io.port == ucall.COM1:
+            for i in range(io.count):
+                data[i] = st.pending.pop(0) if st.pending else 0
+        else:
+            for i in range(len(data)):
+                data[i] = 0xFF
+        return False
+
+    def _uart_ready(self, st: _VcpuState) -> bool:
+        # Block briefly in the exit handler instead of letting the guest spin
+        # on LSR: each spin would be an exit. The bound keeps stop() prompt.
+        if st.pending:
+            return True
+        try:
+            st.pending += st.inbox.get(timeout=0.05)
+        except queue.Empty:
+            return False
+        return True
+
+    def _uart_out(self, st: _VcpuState, data: bytes) -> None:
+        st.outbuf += data
+        while b"\n" in st.outbuf:
+            raw, _, rest = st.outbuf.partition(b"\n")
+            st.outbuf = bytearray(rest)
+            text = raw.decode(errors="replace").rstrip("\r")
+            self.console.append(text)
+            self._event("line", st.vcpu.id, ucall.parse_line(text))
+
+    def _harvest_ring(self, v) -> None:
+        got = v.ring.harvest()
+        with self._ring_lock:
+            self.ring_harvest.extend(got)
+            self.ring_full_exits += 1
+            self.vm.reset_dirty_rings()
+
+    def harvest_rings(self) -> list[tuple[int, int]]:
+        """Collect every vCPU's ring (vCPUs must be idle) and reset them."""
+        with self._ring_lock:
+            out = self.ring_harvest
+            self.ring_harvest = []
+            for st in self.cpus:
+                out.extend(st.vcpu.ring.harvest())
+            self.vm.reset_dirty_rings()
+        return out
+
+    # -- teardown -------------------------------------------------------------------
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop every vCPU thread; True if all stopped."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for st in self.cpus:
+            while st.thread is not None and st.thread.is_alive():
+                st.vcpu.kick_prepare()
+                try:
+                    signal.pthread_kill(st.thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    break
+                st.thread.join(0.02)
+                if time.monotonic() > deadline:
+                    return False
+        return True
+
+    def close(self) -> None:
+        self.stop()
+        self.vm.close()
+        for m in self._mems:
+            m.close()
+        self._mems = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _cpuid_for(entries, apic_id: int):
+    """The host-supported CPUID with this vCPU's APIC id patched in, which is
+    how the guest learns its cpu number (CPUID.1:EBX[31:24])."""
+    out = []
+    for e in entries:
+        e = uapi.kvm_cpuid_entry2.from_buffer_copy(e)
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (apic_id << 24)
+        elif e.function in (0xB, 0x1F):
+            e.edx = apic_id
+        out.append(e)
+    return out
+
+
+def _set_multiboot_state(vcpu, entry: int, mbinfo: int) -> None:
+    """The machine state multiboot v1 promises at the kernel's entry point."""
+    s = vcpu.get_sregs()
+    code = uapi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x08, type=0xB, present=1,
+                            dpl=0, db=1, s=1, l=0, g=1)
+    data = uapi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1,
+                            dpl=0, db=1, s=1, l=0, g=1)
+    s.cs = code
+    s.ds = s.es = s.fs = s.gs = s.ss = data
+    s.cr0 = 0x11          # PE | ET
+    s.cr4 = 0
+    s.efer = 0
+    vcpu.set_sregs(s)
+    r = uapi.kvm_regs()
+    r.rip, r.rflags, r.rax, r.rbx = entry, 0x2, MB_BOOT_MAGIC, mbinfo
+    vcpu.set_regs(r)
