@@ -2,7 +2,7 @@
 #   make run    set up, then run the default suite on this host
 #   make test   set up, then run the test suite
 # Extra arguments: make run ARGS="-k thp/2m"   make test ARGS="-k dirty"
-.PHONY: run test setup bench clean
+.PHONY: run test lint setup bench clean
 
 setup:
 	@scripts/bootstrap.sh run
@@ -10,9 +10,13 @@ setup:
 run: setup
 	.venv/bin/kvmsplit run $(ARGS)
 
-test:
-	@scripts/bootstrap.sh test
+test: lint
 	.venv/bin/python -m pytest $(ARGS)
+
+lint:
+	@scripts/bootstrap.sh test
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 bench: setup
 	.venv/bin/python bench/bench_bitmap_thp.py $(ARGS)

@@ -22,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from kvmsplit.scenario.engine import RunOptions, ScenarioRun
-from kvmsplit.vmm.guest.build import guest_image
 from kvmsplit.host.changes import HostChanges
 from kvmsplit.host.facts import probe
+from kvmsplit.paths import cache_dir
+from kvmsplit.scenario.engine import RunOptions, ScenarioRun
+from kvmsplit.scenario.model import DirtyMode, Scenario, parse_size
+from kvmsplit.vmm.guest.build import guest_image
 from kvmsplit.vmm.kvm import Kvm
 from kvmsplit.vmm.memory import Backing
-from kvmsplit.paths import cache_dir
-from kvmsplit.scenario.model import DirtyMode, Scenario, parse_size
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,14 +1,14 @@
 """The split-expectation rule table, as data: host facts x scenario -> split."""
 import pytest
 
+from kvmsplit.host.facts import HostFacts
 from kvmsplit.scenario.expectation import expect
-from kvmsplit.vmm.memory import Backing
 from kvmsplit.scenario.model import DirtyMode, Scenario
+from kvmsplit.vmm.memory import Backing
 
 
 def host(paging="tdp", tdp_mmu=True, eager=True):
-    p = lambda v: None if v is None else {"value": v, "writable": False}
-    return {"virtualization": {"paging": paging}, "tdp_mmu": p(tdp_mmu), "eager_page_split": p(eager)}
+    return HostFacts(paging=paging).with_params(tdp_mmu=tdp_mmu, eager_page_split=eager)
 
 
 PVM = host("shadow", False, True)          # this development host

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from kvmsplit.vmm.memory import Backing
 from kvmsplit.runs.results import ERROR, FAIL, PASS
 from kvmsplit.scenario.model import DirtyMode, Scenario
+from kvmsplit.vmm.memory import Backing
 
 pytestmark = pytest.mark.kvm
 MB = 1 << 20
@@ -42,7 +42,7 @@ def test_every_dirty_mode_splits_as_expected_and_recovers(run_scenario, facts, m
 
 
 def test_lazy_split_counts_on_this_host(run_scenario, facts):
-    if facts["virtualization"]["paging"] != "shadow":
+    if facts.paging != "shadow":
         pytest.skip("the numbers below are those of a shadow-paging host")
     res = run_scenario(Scenario("thp/2m/bitmap", size=64 * MB))
     pop, en, d1 = (res.phase(n) for n in ("populate", "enable", "dirty-1"))
@@ -67,7 +67,7 @@ def test_partial_writes_leave_exactly_the_untouched_huge_pages(run_scenario, fac
 def test_guest_4k_pages_give_nothing_to_split_under_shadow_paging(run_scenario, facts):
     res = run_scenario(Scenario("thp/4k", guest_page="4k", size=32 * MB))
     assert res.verdict == PASS, res.reasons
-    if facts["virtualization"]["paging"] == "shadow":
+    if facts.paging == "shadow":
         assert res.observed_split == "none" and res.phase("populate").vm_stats["pages_2m"] == 0
 
 

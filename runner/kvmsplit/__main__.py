@@ -1,3 +1,5 @@
 import sys
+
 from kvmsplit.cli.main import main
+
 sys.exit(main())

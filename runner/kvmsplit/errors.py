@@ -7,6 +7,9 @@ the request (2/69).
 """
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_FAILED = 1          # something ran and did not pass
 EXIT_NO_KVM = 2          # /dev/kvm missing or inaccessible
@@ -45,10 +48,17 @@ class NoKvmError(UserError):
 
 def read_input(path, what: str = "file", errors: str = "strict") -> str:
     """The text of a file the user named, or a one-line NoInputError."""
-    from pathlib import Path
     try:
         return Path(path).read_text(errors=errors)
     except FileNotFoundError:
         raise NoInputError(f"{path}: no such {what}") from None
     except OSError as e:
         raise NoInputError(f"{path}: {e.strerror}") from None
+
+
+def read_toml(path, what: str = "file") -> dict:
+    """A TOML file the user named, parsed, or a one-line error naming it."""
+    try:
+        return tomllib.loads(read_input(path, what))
+    except tomllib.TOMLDecodeError as e:
+        raise BadInputError(f"{path}: not valid TOML: {e}") from None

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import need   # the one in tests/: skip, or fail under KVMSPLIT_REQUIRE_KVM=1
+from conftest import need  # the one in tests/: skip, or fail under KVMSPLIT_REQUIRE_KVM=1
 
 KMSG = "/dev/kmsg"
 

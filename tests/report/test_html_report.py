@@ -4,10 +4,10 @@ import re
 import shutil
 import subprocess
 
-from conftest import need
 from PIL import Image
 from samples import make_run
 
+from conftest import need
 from kvmsplit.report.html import PAGE_SIZES, VERDICT_COLOR, html_report
 
 pytest_plugins = ["cli_fixture"]      # kv

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 from samples import make_run
 
-from kvmsplit.cli import rerun
-from kvmsplit.errors import EXIT_USAGE, UsageError
-from kvmsplit.runs.history import History, LoadedRun
 from kvmsplit.cli.rerun import choose, expect_override
+from kvmsplit.errors import EXIT_USAGE, UsageError
+from kvmsplit.host.facts import HostFacts
+from kvmsplit.runs.history import History, LoadedRun
 from kvmsplit.runs.results import ScenarioResult
 
 pytest_plugins = ["cli_fixture"]      # kv
@@ -51,6 +51,7 @@ def test_kinds_are_not_mixed_in_one_rerun(kv, tmp_path):
 def test_selftest_results_go_back_to_the_selftests_runner(kv, tmp_path, monkeypatch):
     # the selftests themselves take a kernel build; what rerun owns is
     # handing the runner the very cases that ran
+    from kvmsplit.cli import options
     from kvmsplit.selftests import build, runner
     from kvmsplit.selftests.manifest import SelftestCase
     cases = [SelftestCase(name=f"dirty_log_test/{m}", test="dirty_log_test", args=["-M", m],
@@ -65,9 +66,9 @@ def test_selftest_results_go_back_to_the_selftests_runner(kv, tmp_path, monkeypa
         ran.extend(cases)
         rr.scenarios = rr.scenarios[:1]
         return rr
-    monkeypatch.setattr(build, "build", lambda **kw: SimpleNamespace(version="6.18.0"))
+    monkeypatch.setattr(build, "build", lambda tree=None, **kw: SimpleNamespace(version="6.18.0"))
     monkeypatch.setattr(runner, "run_selftests", run_selftests)
-    monkeypatch.setattr(rerun, "_facts", lambda: {})
+    monkeypatch.setattr(options, "probe", lambda: HostFacts())
     rc, out, _ = kv("rerun", tmp_path, "--failed", "-o", tmp_path / "again")
     assert ran == cases[:1]
     assert rc == 1 and "dirty_log_test/ring" in out

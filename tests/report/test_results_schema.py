@@ -6,8 +6,8 @@ import pytest
 from samples import DATA, make_run
 
 from kvmsplit.errors import EXIT_BAD_INPUT, EXIT_NO_INPUT, BadInputError, NoInputError
-from kvmsplit.runs.schema import load_results, validate
 from kvmsplit.runs.results import RunResult
+from kvmsplit.runs.schema import load_results, validate
 
 pytest_plugins = ["cli_fixture"]      # kv
 

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from conftest import need
 
 DATA = Path(__file__).parent / "data"

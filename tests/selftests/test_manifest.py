@@ -1,8 +1,11 @@
 """The manifest: the default one expands and is sound; bad ones are refused
 with one line naming the entry and the key."""
+from dataclasses import replace
+
 import pytest
 
 from kvmsplit.errors import BadInputError, NoInputError
+from kvmsplit.host.facts import HostFacts, HugetlbPool
 from kvmsplit.selftests.manifest import REQUIREMENTS, SelftestCase, expand, load
 
 
@@ -87,24 +90,23 @@ def test_manifest_files(tmp_path):
         load(bad)
 
 
-PVM_FACTS = {"virtualization": {"hardware": "none"}, "thp": "madvise",
-             "hugetlb": {2048: {}, 1048576: {}},
-             "kvm": {"params": {"tdp_mmu": {"value": False}, "eager_page_split": {"value": True},
-                                "nx_huge_pages": {"value": False}}}}
+PVM_FACTS = HostFacts(hardware="none", thp="madvise",
+                      hugetlb={2048: HugetlbPool(2048), 1048576: HugetlbPool(1048576)}).with_params(
+    tdp_mmu=False, eager_page_split=True, nx_huge_pages=False)
 
 
 @pytest.mark.parametrize("requires, facts, why", [
     ([], PVM_FACTS, None),
     (["vmx_or_svm"], PVM_FACTS,
      "requires vmx_or_svm: needs VMX or SVM for a nested (L2) guest; the CPU offers neither"),
-    (["vmx_or_svm"], {**PVM_FACTS, "virtualization": {"hardware": "svm"}}, None),
-    (["vmx"], {**PVM_FACTS, "virtualization": {"hardware": "svm"}},
+    (["vmx_or_svm"], replace(PVM_FACTS, hardware="svm"), None),
+    (["vmx"], replace(PVM_FACTS, hardware="svm"),
      "requires vmx: needs Intel VMX; the CPU offers svm"),
     (["eager_page_split", "tdp_mmu"], PVM_FACTS, "requires tdp_mmu: kvm.tdp_mmu is N"),
     (["hugetlb_2m", "hugetlb_1g"], PVM_FACTS, None),
-    (["hugetlb_1g"], {**PVM_FACTS, "hugetlb": {"2048": {}}},
+    (["hugetlb_1g"], replace(PVM_FACTS, hugetlb={2048: HugetlbPool(2048)}),
      "requires hugetlb_1g: this kernel has no 1G hugetlb pool"),
-    (["thp"], {**PVM_FACTS, "thp": "never"}, "requires thp: transparent hugepages are never"),
+    (["thp"], replace(PVM_FACTS, thp="never"), "requires thp: transparent hugepages are never"),
 ])
 def test_requirements(requires, facts, why):
     assert SelftestCase("t", "t", [], 1.0, requires).unmet(facts) == why

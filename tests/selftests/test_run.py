@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need
 from kvmsplit.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from kvmsplit.runs.results import RunResult
 from kvmsplit.selftests.manifest import SelftestCase, load
-from conftest import need
 
 from .conftest import DATA
 
@@ -75,7 +75,7 @@ def test_dirty_log_perf_test_phases(subset_run):
 def test_page_splitting_test_skips_with_its_reason_without_the_tdp_mmu(subset_run, facts):
     rr, _ = subset_run
     split = next(s for s in rr.scenarios if s.name == "dirty_log_page_splitting_test")
-    if facts["tdp_mmu"]["value"]:
+    if facts.param("tdp_mmu"):
         assert split.verdict == "PASS", split.reasons
     else:
         assert (split.verdict, split.reasons) == ("SKIP", ['Requirement not met: get_kvm_param_bool("tdp_mmu")'])

@@ -1,14 +1,19 @@
 """Host facts that decide what a scenario should expect (`kvmsplit probe`).
 
 Everything is read from /proc, /sys and /dev/kvm; nothing is changed. The
-facts are a plain dict so they go into results.json unchanged.
+facts travel as one immutable HostFacts; `to_dict()` is the `host` object of
+results.json (its shape is pinned by the results schema).
 """
 from __future__ import annotations
 
 import os
 import platform
+import socket
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from kvmsplit.kernellog.taint import decode_taint, read_taint
 from kvmsplit.vmm.kvm import Kvm, KvmUnavailable, uapi
 
 KVM_PARAMS = ("tdp_mmu", "eager_page_split", "nx_huge_pages")
@@ -37,14 +42,26 @@ def _param_value(raw: str | None):
         return raw
 
 
-def module_param(module: str, name: str) -> dict | None:
-    """{'value', 'writable', 'path'} for /sys/module/MODULE/parameters/NAME."""
+@dataclass(frozen=True)
+class ModuleParam:
+    """One /sys/module/MODULE/parameters/NAME. `writable` comes from the mode
+    bits too: root's os.access() says yes to a 0444 file."""
+    value: bool | int | str | None
+    raw: str = ""
+    writable: bool = False
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "raw": self.raw, "writable": self.writable, "path": self.path}
+
+
+def module_param(module: str, name: str) -> ModuleParam | None:
     p = SYS_MODULE / module / "parameters" / name
     raw = _read(p)
     if raw is None:
         return None
     writable = bool(p.stat().st_mode & 0o222) and os.access(p, os.W_OK)
-    return {"value": _param_value(raw), "raw": raw, "writable": writable, "path": str(p)}
+    return ModuleParam(_param_value(raw), raw, writable, str(p))
 
 
 def cpu_info() -> dict:
@@ -85,7 +102,7 @@ def virtualization(flags: set[str]) -> dict:
         for mod, p in (("kvm_intel", "ept"), ("kvm_amd", "npt")):
             v = module_param(mod, p)
             if v is not None:
-                tdp = v["value"]
+                tdp = v.value
         paging = "tdp" if tdp else "shadow" if tdp is False else "unknown"
         kind = "nested (L1 under a hypervisor)" if nested_under else "bare metal"
     return {"hardware": hw, "modules": modules, "kind": kind, "paging": paging,
@@ -105,14 +122,12 @@ def memory_info() -> dict:
     return {"total": out.get("MemTotal"), "available": out.get("MemAvailable")}
 
 
-def hugetlb_pools() -> dict:
+def hugetlb_pools() -> dict[int, HugetlbPool]:
     pools = {}
     for d in sorted(HUGEPAGES.glob("hugepages-*kB")):
         kb = int(d.name[len("hugepages-"):-2])
-        total = _read(d / "nr_hugepages")
-        free = _read(d / "free_hugepages")
-        pools[kb] = {"size_kb": kb, "total": int(total or 0), "free": int(free or 0),
-                     "writable": os.access(d / "nr_hugepages", os.W_OK)}
+        pools[kb] = HugetlbPool(kb, int(_read(d / "nr_hugepages") or 0), int(_read(d / "free_hugepages") or 0),
+                                os.access(d / "nr_hugepages", os.W_OK))
     return pools
 
 
@@ -135,13 +150,7 @@ def kernel_log_readable() -> bool:
     return True
 
 
-def kvm_facts(kvm: Kvm) -> dict:
-    caps = {name: kvm.check_extension(num) for name, num in uapi.CAPABILITIES.items()}
-    return {"api_version": kvm.api_version(), "capabilities": caps,
-            "guest_features": guest_features(kvm)}
-
-
-def guest_features(kvm: Kvm) -> dict:
+def guest_features(kvm: Kvm) -> dict[str, bool]:
     """CPU features KVM can give a guest that decide which guest page sizes
     work: without PDPE1GB a 1G guest page is a reserved-bit fault (PVM, for
     one, does not offer it even where the host CPU has it)."""
@@ -152,41 +161,113 @@ def guest_features(kvm: Kvm) -> dict:
     return feats
 
 
-def probe(kvm: Kvm | None = None) -> dict:
-    """All host facts. Raises KvmUnavailable when /dev/kvm cannot be opened."""
-    from kvmsplit.kernellog.taint import decode_taint, read_taint
+@dataclass(frozen=True)
+class HugetlbPool:
+    size_kb: int
+    total: int = 0
+    free: int = 0
+    writable: bool = False
 
+    def to_dict(self) -> dict:
+        return {"size_kb": self.size_kb, "total": self.total, "free": self.free, "writable": self.writable}
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What kvmsplit knows of the host. Every field has an "unknown" default,
+    so a test can state just the facts its case depends on."""
+    kernel_release: str = "unknown"
+    kernel_version: str = ""
+    machine: str = ""
+    hostname: str = ""
+    cpu_vendor: str | None = None
+    cpu_model: str | None = None
+    cpu_count: int | None = None
+    hardware: str = "none"          # what the CPU offers KVM: vmx, svm or none
+    modules: tuple[str, ...] = ()
+    kind: str = "unknown"           # bare metal, nested, paravirtual (PVM)
+    paging: str = "unknown"         # tdp, shadow or unknown: decides split expectations
+    under_hypervisor: bool = False
+    api_version: int | None = None
+    capabilities: dict[str, int] = field(default_factory=dict)
+    guest_features: dict[str, bool] = field(default_factory=dict)
+    params: dict[str, ModuleParam | None] = field(default_factory=dict)
+    mem_total: int | None = None
+    mem_available: int | None = None
+    thp: str | None = None
+    hugetlb: dict[int, HugetlbPool] = field(default_factory=dict)
+    kernel_log_readable: bool = False
+    taint: int = 0
+
+    def param(self, name: str) -> bool | int | str | None:
+        """A kvm module parameter's value; None when this kernel lacks it."""
+        p = self.params.get(name)
+        return None if p is None else p.value
+
+    def cap(self, name: str) -> int:
+        return self.capabilities.get(name, 0)
+
+    def with_params(self, **values: bool | None) -> HostFacts:
+        """The same host with kvm parameters set (None: absent); for rule tables in tests."""
+        params = dict(self.params)
+        for k, v in values.items():
+            params[k] = None if v is None else ModuleParam(v)
+        return replace(self, params=params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """results.json's `host` object."""
+        params = {n: (p.to_dict() if p else None) for n, p in self.params.items()}
+        return {
+            "kernel": {"release": self.kernel_release, "version": self.kernel_version,
+                       "machine": self.machine},
+            "cpu": {"vendor": self.cpu_vendor, "model": self.cpu_model, "count": self.cpu_count},
+            "virtualization": {"hardware": self.hardware, "modules": list(self.modules),
+                               "kind": self.kind, "paging": self.paging,
+                               "running_under_hypervisor": self.under_hypervisor},
+            "kvm": {"api_version": self.api_version, "capabilities": dict(self.capabilities),
+                    "guest_features": dict(self.guest_features), "params": params},
+            # the params again at top level, by name: what scripts look for first
+            **params,
+            "memory": {"total": self.mem_total, "available": self.mem_available},
+            "thp": self.thp,
+            "hugetlb": {kb: p.to_dict() for kb, p in self.hugetlb.items()},
+            "kernel_log_readable": self.kernel_log_readable,
+            "taint": {"value": self.taint, "letters": decode_taint(self.taint)},
+            "hostname": self.hostname,
+        }
+
+
+def probe(kvm: Kvm | None = None) -> HostFacts:
+    """All host facts. Raises KvmUnavailable when /dev/kvm cannot be opened."""
     own = kvm is None
     kvm = kvm or Kvm()
     try:
-        kf = kvm_facts(kvm)
+        caps = {name: kvm.check_extension(num) for name, num in uapi.CAPABILITIES.items()}
+        api, feats = kvm.api_version(), guest_features(kvm)
     finally:
         if own:
             kvm.close()
     cpu = cpu_info()
-    params = {}
-    for name in KVM_PARAMS:
-        params[name] = module_param("kvm", name)
-    taint = read_taint()
-    return {
-        "kernel": {"release": platform.release(), "version": platform.version(),
-                   "machine": platform.machine()},
-        "cpu": {"vendor": cpu["vendor"], "model": cpu["model"], "count": os.cpu_count()},
-        "virtualization": virtualization(cpu["flags"]),
-        "kvm": {**kf, "params": params},
-        # the params again at top level, by name: what scripts look for first
-        **params,
-        "memory": memory_info(),
-        "thp": thp_mode(),
-        "hugetlb": hugetlb_pools(),
-        "kernel_log_readable": kernel_log_readable(),
-        "taint": {"value": taint, "letters": decode_taint(taint)},
-    }
+    virt = virtualization(cpu["flags"])
+    mem = memory_info()
+    return HostFacts(
+        kernel_release=platform.release(), kernel_version=platform.version(),
+        machine=platform.machine(), hostname=socket.gethostname(),
+        cpu_vendor=cpu["vendor"], cpu_model=cpu["model"], cpu_count=os.cpu_count(),
+        hardware=virt["hardware"], modules=tuple(virt["modules"]), kind=virt["kind"],
+        paging=virt["paging"], under_hypervisor=virt["running_under_hypervisor"],
+        api_version=api, capabilities=caps, guest_features=feats,
+        params={name: module_param("kvm", name) for name in KVM_PARAMS},
+        mem_total=mem["total"], mem_available=mem["available"], thp=thp_mode(),
+        hugetlb=hugetlb_pools(), kernel_log_readable=kernel_log_readable(), taint=_taint())
 
 
-def param_value(facts: dict, name: str):
-    p = facts.get(name) or facts.get("kvm", {}).get("params", {}).get(name)
-    return None if p is None else p["value"]
+def _taint() -> int:
+    try:
+        return read_taint()
+    except (OSError, ValueError):
+        return 0
 
 
-__all__ = ["probe", "KvmUnavailable", "param_value", "hugetlb_pools", "memory_info", "thp_mode"]
+__all__ = ["probe", "HostFacts", "ModuleParam", "HugetlbPool", "KvmUnavailable", "module_param",
+           "hugetlb_pools", "memory_info", "thp_mode"]

@@ -18,11 +18,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmsplit.errors import BadInputError, NoInputError, UnavailableError, UsageError
+from kvmsplit.kernel.source import DEBIAN_SOURCES, extract_tarball, find_debian_source, first_error, tarball_stem
+from kvmsplit.kernel.vm import elf_build_id
 from kvmsplit.paths import cache_dir
 
 # virtme-ng's minimal config lacks these: KVM for both vendors (built in, so
@@ -49,39 +51,36 @@ class KernelImage:
 
 
 def _git(tree: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
+    r = subprocess.run(["git", "-C", str(tree), *args], check=False, capture_output=True, text=True)
     if check and r.returncode:
-        raise UnavailableError(f"git {args[0]} in {tree} failed: {_first_line(r.stderr or r.stdout)}")
+        raise UnavailableError(f"git {args[0]} in {tree} failed: {first_error(r.stderr or r.stdout)}")
     return r
 
 
-def _first_line(text: str) -> str:
-    lines = [l for l in text.splitlines() if l.strip()]
-    err = next((l for l in lines if "error" in l.lower()), None)
-    return (err or (lines[0] if lines else "no output")).strip()
+def _is_base(tree: Path) -> bool:
+    """A tree extracted before: a git repository with the base tag."""
+    return (tree / ".git").is_dir() and \
+        _git(tree, "rev-parse", "-q", "--verify", BASE_TAG, check=False).returncode == 0
 
 
-def default_tree() -> Path:
-    """Debian's linux-source tarball, extracted once into the cache as a git repo."""
-    tars = sorted(Path("/usr/src").glob("linux-source-*.tar.xz"))
-    if not tars:
-        raise NoInputError("no kernel tree: give --tree PATH, or install Debian's linux-source-6.12")
-    tar = tars[-1]
-    root = cache_dir() / "kernel" / "src"
-    tree = root / tar.name[:-len(".tar.xz")]
-    if (tree / ".git").is_dir() and _git(tree, "rev-parse", "-q", "--verify", BASE_TAG, check=False).returncode == 0:
+def default_tree(root: Path | None = None, say: Callable[[str], None] | None = None) -> Path:
+    """Debian's newest linux-source tarball (in `root`, /usr/src by default),
+    extracted once into the cache as a git repo."""
+    tar = find_debian_source(root or DEBIAN_SOURCES, trees=False)
+    tree = cache_dir() / "kernel" / "src" / tarball_stem(tar)
+    if _is_base(tree):
         return tree
-    if tree.exists():
-        shutil.rmtree(tree)      # a half-finished extraction
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"kvmsplit: extracting {tar} into {root} (once)", file=sys.stderr)
-    with tarfile.open(tar) as t:
-        t.extractall(root, filter="tar")
-    _git(tree, "init", "-q")
-    _git(tree, "add", "-A", "-f")    # Debian's .gitignore ignores the whole top level
-    _git(tree, "-c", "user.name=kvmsplit", "-c", "user.email=kvmsplit@localhost",
-         "commit", "-qm", f"{tar.name} as shipped")
-    _git(tree, "tag", BASE_TAG)
+
+    def commit_as_shipped(new: Path) -> None:
+        _git(new, "init", "-q")
+        _git(new, "add", "-A", "-f")    # Debian's .gitignore ignores the whole top level
+        _git(new, "-c", "user.name=kvmsplit", "-c", "user.email=kvmsplit@localhost",
+             "commit", "-qm", f"{tar.name} as shipped")
+        _git(new, "tag", BASE_TAG)
+
+    extract_tarball(tar, tree, say=say, strip_top=True, prepare=commit_as_shipped)
+    if not _is_base(tree):
+        raise UnavailableError(f"{tree}: not a git repository tagged {BASE_TAG}; delete it to extract {tar} again")
     return tree
 
 
@@ -118,7 +117,7 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
         else:
             r = _git(tree, "apply", "--index", str(p.resolve()), check=False)
         if r.returncode:
-            raise BadInputError(f"{p}: does not apply to {tree}: {_first_line(r.stderr + r.stdout)}")
+            raise BadInputError(f"{p}: does not apply to {tree}: {first_error(r.stderr + r.stdout)}")
 
 
 def restore(tree: Path, commit: str) -> None:
@@ -129,10 +128,10 @@ def restore(tree: Path, commit: str) -> None:
     _git(tree, "clean", "-qfd")
 
 
-def build(tree: str | Path | None = None, patches: list[str] = (), *, force: bool = False,
-          say=None) -> KernelImage:
+def build(tree: str | Path | None = None, patches: Sequence[str] = (), *, force: bool = False,
+          say: Callable[[str], None] | None = None) -> KernelImage:
     say = say or (lambda m: print(f"kvmsplit: {m}", file=sys.stderr))
-    tree = Path(tree) if tree else default_tree()
+    tree = Path(tree) if tree else default_tree(say=say)
     _check_tree(tree)
     pfiles = [Path(p) for p in patches]
     for p in pfiles:
@@ -159,16 +158,15 @@ def build(tree: str | Path | None = None, patches: list[str] = (), *, force: boo
             + " (minutes; an unchanged tree is not rebuilt)")
         args = [vng, "--build", "--force"] + [a for item in CONFIG_ITEMS for a in ("--configitem", item)]
         env = {**os.environ, "PATH": os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")])}
-        r = subprocess.run(args, cwd=tree, capture_output=True, text=True, env=env)
+        r = subprocess.run(args, check=False, cwd=tree, capture_output=True, text=True, env=env)
         if r.returncode:
-            raise UnavailableError(f"kernel build failed: {_first_line(r.stderr + r.stdout)}")
+            raise UnavailableError(f"kernel build failed: {first_error(r.stderr + r.stdout)}")
         image = tree / "arch/x86/boot/bzImage"
         release = (tree / "include/config/kernel.release").read_text().strip() \
             if (tree / "include/config/kernel.release").exists() else None
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(image, out / "bzImage.tmp")
         if (tree / "vmlinux").is_file():
-            from kvmsplit.kernel.vm import elf_build_id
             build_id = elf_build_id(tree / "vmlinux")
         else:
             build_id = None

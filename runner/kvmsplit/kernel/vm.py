@@ -25,12 +25,19 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+
+import pexpect
+from elftools.elf.elffile import ELFFile
 
 from kvmsplit import __version__
 from kvmsplit.errors import NoInputError, UnavailableError, UsageError
+from kvmsplit.kernellog import KernelLogFormatError, parse_log_text, parse_reports
 from kvmsplit.paths import REPO_ROOT, cache_dir
-from kvmsplit.runs.results import ERROR, MISS, RunResult, ScenarioResult
+from kvmsplit.runs.results import RunResult, ScenarioResult, Verdict
+from kvmsplit.runs.schema import load_results
+from kvmsplit.vmm.guest.build import guest_image
 
 BOOTED = "KVMSPLIT-VM-BOOTED"
 EXITED = "KVMSPLIT-VM-EXIT"
@@ -52,7 +59,7 @@ def choose_accel(force: str | None = None) -> Accel:
     flags = set()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+            flags = next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
     except OSError:
         pass
     nest = next((f for f in ("vmx", "svm") if f in flags), None)
@@ -73,7 +80,7 @@ class KernelUnderTest:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def resolve(cls, kernel: str | None, tree: str | None) -> "KernelUnderTest":
+    def resolve(cls, kernel: str | None, tree: str | None) -> KernelUnderTest:
         if bool(kernel) == bool(tree):
             raise UsageError("give exactly one of --kernel IMAGE or --kernel-tree PATH")
         if tree:
@@ -109,7 +116,6 @@ class KernelUnderTest:
 
 
 def elf_build_id(elf_path: Path) -> str | None:
-    from elftools.elf.elffile import ELFFile
     with open(elf_path, "rb") as f:
         for sec in ELFFile(f).iter_sections():
             if sec.header["sh_type"] != "SHT_NOTE":
@@ -177,9 +183,28 @@ def _script(cmd: list[str], panic_after: float | None = None) -> str:
     ])
 
 
+class VmState(StrEnum):
+    """How a `kvmsplit vm` run ended, and what it makes of the scenario in flight."""
+    NO_BOOT = "no-boot"     # the command never started: MISS
+    RUNNING = "running"     # (while it runs)
+    DONE = "done"           # the command finished; its own results stand
+    PANIC = "panic"         # the kernel under test panicked: ERROR
+    DIED = "died"           # the VM exited before the command finished: ERROR
+    TIMEOUT = "timeout"     # killed at --timeout: ERROR
+
+    @property
+    def why(self) -> str:
+        return {"no-boot": "VM did not boot", "panic": "kernel under test panicked", "died": "VM died",
+                "timeout": "VM command timed out"}.get(self.value, self.value)
+
+    @property
+    def verdict(self) -> Verdict:
+        return Verdict.MISS if self is VmState.NO_BOOT else Verdict.ERROR
+
+
 @dataclass
 class VmOutcome:
-    state: str                  # "done", "no-boot", "panic", "died", "timeout"
+    state: VmState
     rc: int | None
     release: str | None
     console: list[str]
@@ -198,7 +223,7 @@ def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, boot
     for attempt in range(1, boot_attempts + 1):
         out = _boot_once(kernel, argv, outdir, **kw)
         out.attempts = attempt
-        if out.booted or out.state == "timeout" or attempt == boot_attempts:
+        if out.booted or out.state is VmState.TIMEOUT or attempt == boot_attempts:
             return out
         if kw.get("echo"):
             kw["echo"](f"kvmsplit vm: boot attempt {attempt} failed ({out.state}: {out.detail}); retrying")
@@ -211,12 +236,9 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
                  echo=None) -> VmOutcome:
     """Boot `kernel`, run the kvmsplit command `argv` inside. Never hangs:
     the whole QEMU process group is killed at `timeout`."""
-    import pexpect
-
     vng = _tool("vng", "pip install virtme-ng")
     _tool("qemu-system-x86_64", "apt-get install qemu-system-x86")
     _tool("busybox", "apt-get install busybox-static (virtme-ng builds its initramfs with it)")
-    from kvmsplit.vmm.guest.build import guest_image
     guest_image()             # warm the cache the VM copies from
     outdir.mkdir(parents=True, exist_ok=True)
     args = ["-r", str(kernel.image), "--verbose", "--cpus", str(cpus), "--memory", memory,
@@ -232,7 +254,7 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
     path = os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")])
     child = pexpect.spawn(vng, args, encoding="utf-8", codec_errors="replace", timeout=None,
                           env={**os.environ, "TERM": "dumb", "PATH": path})
-    out = VmOutcome("no-boot", None, None, [])
+    out = VmOutcome(VmState.NO_BOOT, None, None, [])
     patterns = [rf"{BOOTED} (\S+)", rf"{EXITED} (\d+)", PANIC_RE, r"\n", pexpect.EOF, pexpect.TIMEOUT]
     try:
         while True:
@@ -243,13 +265,13 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
                 line = line.rstrip("\r")
                 if line and "TCG doesn't support requested feature" not in line:
                     tail.append(line)
-                    if echo and out.state != "no-boot" and not KERNEL_LINE.match(line):
+                    if echo and out.state is not VmState.NO_BOOT and not KERNEL_LINE.match(line):
                         echo(line)
             if i == 0:
-                out.state, out.release, out.boot_s = "running", child.match.group(1), time.monotonic() - t0
+                out.state, out.release, out.boot_s = VmState.RUNNING, child.match.group(1), time.monotonic() - t0
                 out.booted = True
             elif i == 1:
-                out.state, out.rc = "done", int(child.match.group(1))
+                out.state, out.rc = VmState.DONE, int(child.match.group(1))
             elif i == 2:
                 # the panic line may have arrived in pieces: finish it, and keep
                 # what follows (the trace) for a few seconds
@@ -258,20 +280,20 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
                 line = (line + (child.before or "")).strip()
                 child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3)
                 tail.append(line)
-                tail.extend(l.rstrip("\r") for l in (child.before or "").splitlines() if l.strip())
-                out.state, out.detail = "panic", line
+                tail.extend(ln.rstrip("\r") for ln in (child.before or "").splitlines() if ln.strip())
+                out.state, out.detail = VmState.PANIC, line
                 break
             elif i == 4:
-                if out.state == "running":
-                    out.state, out.detail = "died", "the VM exited before the command finished"
-                elif out.state == "no-boot":
+                if out.state is VmState.RUNNING:
+                    out.state, out.detail = VmState.DIED, "the VM exited before the command finished"
+                elif out.state is VmState.NO_BOOT:
                     out.detail = "the VM never reached the command"
                 break
             elif i == 5:
-                out.state = "timeout" if out.state != "done" else out.state
+                out.state = VmState.TIMEOUT if out.state is not VmState.DONE else out.state
                 out.detail = f"timed out after {timeout:.0f}s"
                 break
-            if out.state == "done":
+            if out.state is VmState.DONE:
                 child.expect(pexpect.EOF, timeout=60)   # let vng shut the VM down
                 break
     finally:
@@ -282,7 +304,6 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
 
 
 def _console_reports(lines: list[str]) -> list[dict]:
-    from kvmsplit.kernellog import KernelLogFormatError, parse_log_text, parse_reports
     try:
         return [r.to_dict() for r in parse_reports(parse_log_text("\n".join(lines)))]
     except KernelLogFormatError:
@@ -304,7 +325,6 @@ def record(outcome: VmOutcome, kernel: KernelUnderTest, accel: Accel, outdir: Pa
     """results.json in outdir, annotated with the kernel under test; when the
     VM run broke, the scenario in flight becomes ERROR (or one 'vm' entry
     says why nothing ran) with the console tail."""
-    from kvmsplit.runs.schema import load_results
     path = outdir / "results.json"
     vm = {**kernel.info, "release": outcome.release, "accel": accel.name, "cpu": accel.cpu,
           "accel_reason": accel.reason, "state": outcome.state, "boot_s": outcome.boot_s,
@@ -316,12 +336,11 @@ def record(outcome: VmOutcome, kernel: KernelUnderTest, accel: Accel, outdir: Pa
         rr = RunResult(host={"kernel": {"release": outcome.release or "unknown"}}, argv=argv,
                        kvmsplit_version=__version__)
     rr.host["vm"] = vm
-    if outcome.state != "done":
-        why = {"no-boot": "VM did not boot", "panic": "kernel under test panicked",
-               "died": "VM died", "timeout": "VM command timed out"}[outcome.state]
+    if outcome.state is not VmState.DONE:
+        why = outcome.state.why
         reason = f"{why}: {outcome.detail}" if outcome.detail else why
-        verdict = MISS if outcome.state == "no-boot" else ERROR
-        pending = [s for s in rr.scenarios if s.verdict == MISS]
+        verdict = outcome.state.verdict
+        pending = [s for s in rr.scenarios if s.verdict is Verdict.MISS]
         if pending:
             victim = pending[0]
             victim.verdict, victim.reasons, victim.console_tail = verdict, [reason], outcome.console

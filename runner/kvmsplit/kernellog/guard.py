@@ -10,8 +10,15 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
-from kvmsplit.kernellog.records import (KERNEL_FACILITY, READ_SIZE, USER_FACILITY, KernelLogFormatError, Record,
-                      drain, parse_log_text)
+from kvmsplit.kernellog.records import (
+    KERNEL_FACILITY,
+    READ_SIZE,
+    USER_FACILITY,
+    KernelLogFormatError,
+    Record,
+    drain,
+    parse_log_text,
+)
 from kvmsplit.kernellog.reports import Report, parse_reports
 from kvmsplit.kernellog.taint import TAINT_PATH, decode_taint, read_taint
 
@@ -25,8 +32,9 @@ class GuardResult:
     """What the kernel logged during the unit of work.
 
     checked is False when the log could not be read, or not to its end
-    (status "unchecked" unless reports were found before that). records are the records counted (kernel facility, plus user
-    facility with accept_user); lost_records those overwritten before they
+    (status "unchecked" unless reports were found before that). records are
+    the records counted (kernel facility, plus user facility with
+    accept_user); lost_records those overwritten before they
     could be read (a lower bound when lost_exact is False). source is where the
     records came from: "/dev/kmsg", "dmesg", or None.
     """

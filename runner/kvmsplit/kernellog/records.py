@@ -8,8 +8,8 @@ returns exactly one record and the message itself holds no raw newline.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 from kvmsplit.errors import BadInputError
 

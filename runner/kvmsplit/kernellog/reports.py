@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 from kvmsplit.kernellog.records import Record
 
@@ -391,7 +391,7 @@ def _hang_frame(frames: list[str]) -> str | None:
     return next((f for f in frames if not any(s in f for s in _HANG_SKIP)), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _skip_pattern(extra: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(_GENERIC_FRAMES + extra))
 

@@ -14,9 +14,17 @@ import math
 import time
 from html import escape
 
+from kvmsplit.runs.digest import (
+    failed,
+    host_name,
+    kernel_release,
+    report_text,
+    reports,
+    rerun_command,
+    series_label,
+    slug,
+)
 from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, RunResult, ScenarioResult
-from kvmsplit.runs.digest import (failed, host_name, kernel_release, report_text, reports, rerun_command,
-                     series_label, slug)
 
 VERDICT_COLOR = {PASS: "#1a7f37", FAIL: "#cf222e", ERROR: "#8250df", SKIP: "#bf8700", MISS: "#6e7781"}
 # (stat, label, bytes per page, colour)

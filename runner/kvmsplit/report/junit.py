@@ -11,8 +11,8 @@ import re
 import time
 import xml.etree.ElementTree as ET
 
-from kvmsplit.runs.results import ERROR, FAIL, MISS, SKIP, RunResult, ScenarioResult
 from kvmsplit.runs.digest import failure_text, headline, host_name, kernel_release, kind, series_label
+from kvmsplit.runs.results import ERROR, FAIL, MISS, SKIP, RunResult, ScenarioResult
 
 # XML 1.0 cannot carry most control characters, and kernel logs and guest
 # consoles do contain them.

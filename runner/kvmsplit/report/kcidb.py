@@ -10,11 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
+from kvmsplit.runs.digest import (
+    failed,
+    failure_text,
+    host_name,
+    kernel_release,
+    kind,
+    reports,
+    rerun_command,
+    series_label,
+)
 from kvmsplit.runs.results import RunResult, ScenarioResult
-from kvmsplit.runs.digest import (failed, failure_text, host_name, kernel_release, kind, reports,
-                     rerun_command, series_label)
 
 ORIGIN = "kvmsplit"
 SCHEMA = {"major": 5, "minor": 3}
@@ -23,7 +31,7 @@ _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 
 def _time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def _digest(value) -> str:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import TextIO
 
+from kvmsplit.runs.digest import failed, host_name, kernel_release, reports, rerun_command, results_source, series_label
 from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, RunResult, ScenarioResult
-from kvmsplit.runs.digest import (failed, host_name, kernel_release, reports, rerun_command, results_source,
-                     series_label)
 
 
 def header(rr: RunResult) -> list[str]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
-from kvmsplit.runs.results import RunResult
-from kvmsplit.runs.digest import failed, kernel_excerpt, rerun_command, results_source, slug
 from kvmsplit.report.junit import junit_xml
 from kvmsplit.report.kcidb import kcidb_fragment
 from kvmsplit.report.ktap import ktap_text
+from kvmsplit.runs.digest import failed, kernel_excerpt, rerun_command, results_source, slug
+from kvmsplit.runs.results import RunResult
+from kvmsplit.runs.sinks import warn
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -34,12 +34,6 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def warn(what: str, e: Exception) -> None:
-    # a report that cannot be written must not stop the tests: results.json
-    # is already safe when sinks are called
-    print(f"kvmsplit: warning: {what}: {e}", file=sys.stderr)
 
 
 class RunStamp:

@@ -26,9 +26,8 @@ import statistics
 from dataclasses import dataclass, field
 from functools import cache
 
+from kvmsplit.runs.digest import failed, headline, host_name, kernel_release, rerun_command, series_label
 from kvmsplit.runs.history import History, Sample, fmt_time
-from kvmsplit.runs.digest import (failed, headline, host_name, kernel_release, rerun_command,
-                            series_label)
 from kvmsplit.runs.results import PASS, RunResult, ScenarioResult
 
 MIN_SAMPLES = 3

@@ -1,9 +1,8 @@
 """The results model: one RunResult holding the host facts and a
 ScenarioResult per scenario, written as results.json.
 
-Verdicts: PASS, FAIL (KVM misbehaved), ERROR (the run itself broke: guest
-hang, crash, bad set-up), SKIP (could not be tested here, reason given),
-MISS (never ran, e.g. the run was interrupted first).
+Verdicts and check states are enums (str-valued, so results.json and every
+report spell them the same way); see Verdict and CheckStatus.
 """
 from __future__ import annotations
 
@@ -12,20 +11,47 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 SCHEMA_VERSION = 1
 
-PASS, FAIL, ERROR, SKIP, MISS = "PASS", "FAIL", "ERROR", "SKIP", "MISS"
-VERDICTS = (PASS, FAIL, ERROR, SKIP, MISS)
+class Verdict(StrEnum):
+    """One scenario's outcome."""
+    PASS = "PASS"       # every check passed, each on its evidence
+    FAIL = "FAIL"       # KVM misbehaved: a check failed
+    ERROR = "ERROR"     # the run itself broke: guest hang, crash, bad set-up, a kvmsplit bug
+    SKIP = "SKIP"       # could not be tested here; the reason is given
+    MISS = "MISS"       # never ran, e.g. the run was interrupted first
+
+    @property
+    def failed(self) -> bool:
+        """What a CI box must act on."""
+        return self in (Verdict.FAIL, Verdict.ERROR)
+
+
+PASS, FAIL, ERROR, SKIP, MISS = Verdict.PASS, Verdict.FAIL, Verdict.ERROR, Verdict.SKIP, Verdict.MISS
+VERDICTS = tuple(Verdict)
+
+
+class CheckStatus(StrEnum):
+    """One check's outcome within a scenario."""
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"               # could not be judged here (not reached, nothing to judge it on)
+    NA = "n/a"                  # does not apply to this scenario (e.g. no huge pages expected)
+    UNCHECKED = "unchecked"     # nothing wrong seen, but the witness was missing (unreadable log)
 
 
 @dataclass
 class Check:
     name: str
-    status: str          # pass, fail, skip (not applicable / could not be judged)
+    status: CheckStatus
     summary: str
     details: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.status = CheckStatus(self.status)
 
 
 @dataclass
@@ -41,7 +67,7 @@ class Phase:
 class ScenarioResult:
     name: str
     scenario: dict
-    verdict: str = MISS
+    verdict: Verdict = Verdict.MISS
     reasons: list[str] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
@@ -55,6 +81,9 @@ class ScenarioResult:
     console_tail: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)     # kind-specific data, e.g. a kselftest's exit code and KTAP
 
+    def __post_init__(self) -> None:
+        self.verdict = Verdict(self.verdict)
+
     def check(self, name: str) -> Check | None:
         return next((c for c in self.checks if c.name == name), None)
 
@@ -62,7 +91,7 @@ class ScenarioResult:
         return next((p for p in self.phases if p.name == name), None)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScenarioResult":
+    def from_dict(cls, d: dict) -> ScenarioResult:
         """The inverse of asdict(); the caller validates d first (report.schema)."""
         return cls(**{**d, "checks": [Check(**c) for c in d.get("checks", [])],
                       "phases": [Phase(**p) for p in d.get("phases", [])]})
@@ -84,8 +113,8 @@ class RunResult:
     # message_id, base_commit (each optional).
     series: dict | None = None
 
-    def counts(self) -> dict[str, int]:
-        c = {v: 0 for v in VERDICTS}
+    def counts(self) -> dict[Verdict, int]:
+        c = {v: 0 for v in Verdict}
         for s in self.scenarios:
             c[s.verdict] += 1
         return c
@@ -100,7 +129,7 @@ class RunResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunResult":
+    def from_dict(cls, d: dict) -> RunResult:
         """The inverse of to_dict(); the caller validates d first (report.schema)."""
         return cls(**{**d, "scenarios": [ScenarioResult.from_dict(s) for s in d.get("scenarios", [])]})
 
@@ -110,13 +139,13 @@ class RunResult:
         path = directory / "results.json"
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, default=_json_default)
+            json.dump(self.to_dict(), f, indent=1, default=json_default)
             f.write("\n")
         os.replace(tmp, path)
         return path
 
 
-def _json_default(o):
+def json_default(o):
     if hasattr(o, "to_dict"):
         return o.to_dict()
     if hasattr(o, "item"):        # numpy scalars

@@ -7,22 +7,24 @@ vCPUs' fault/exit deltas; the checks in verdict.py judge those snapshots.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from kvmsplit.scenario import verdict
-from kvmsplit.scenario.expectation import expect
-from kvmsplit.vmm.guest import ucall
 from kvmsplit.host.changes import HostChanges
+from kvmsplit.host.facts import HostFacts
 from kvmsplit.kernellog import KernelLogGuard
+from kvmsplit.runs.results import Phase, ScenarioResult, Verdict
+from kvmsplit.scenario.expectation import expect
+from kvmsplit.scenario.model import DirtyMode, Scenario
+from kvmsplit.scenario.observations import Observations
+from kvmsplit.scenario.verdict import HUGE_SIZES, Judgement, judge
+from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.kvm import FaultInjector, KvmIoctlError, VmBugged, uapi
 from kvmsplit.vmm.machine import GuestError, GuestTimeout, Machine
 from kvmsplit.vmm.memory import Backing, GuestMemory
-from kvmsplit.runs.results import ERROR, FAIL, SKIP, Phase, ScenarioResult
-from kvmsplit.scenario.model import DirtyMode, Scenario
 
 TEST_GPA = 1 << 32          # 4 GiB: 1G-aligned and clear of the boot identity map
 FIRST_TEST_SLOT = 1
@@ -42,7 +44,7 @@ class RunOptions:
 
 
 class ScenarioRun:
-    def __init__(self, scenario: Scenario, facts: dict, image, host: HostChanges,
+    def __init__(self, scenario: Scenario, facts: HostFacts, image, host: HostChanges,
                  kvm, options: RunOptions | None = None):
         self.s = scenario
         self.facts = facts
@@ -61,9 +63,10 @@ class ScenarioRun:
         self.verify: dict | None = None
         self.initially_set: dict | None = None
         self.vm_bugged: str | None = None
+        self.error: str | None = None
         self.kernel_s = 0.0
         self.host_huge_bytes: int | None = None
-        self.pass1_pages = None      # what dirty pass 1 wrote: the lazy-split prediction needs it
+        self.pass1_regions: dict[str, int] = {}    # huge regions dirty pass 1 wrote: the lazy prediction
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> ScenarioResult:
@@ -72,27 +75,26 @@ class ScenarioRun:
         t0 = time.monotonic()
         skip = self._prerequisites()
         if skip:
-            r.verdict, r.reasons = SKIP, [skip]
+            r.verdict, r.reasons = Verdict.SKIP, [skip]
             r.duration_s = 0.0
             return r
         guard = KernelLogGuard(accept_user=self.opt.accept_user_log)
         guard.start()
-        error = None
         try:
             self._setup()
             self._phases()
         except VmBugged as e:
             self.vm_bugged = f"{e.ioctl} returned EIO in phase {self.cur_phase}"
         except GuestTimeout as e:
-            error = f"guest hung in phase {self.cur_phase}: {e}"
+            self.error = f"guest hung in phase {self.cur_phase}: {e}"
         except GuestError as e:
-            error = f"guest failed in phase {self.cur_phase}: {e}"
+            self.error = f"guest failed in phase {self.cur_phase}: {e}"
         except KvmIoctlError as e:
-            error = f"{e} (phase {self.cur_phase})"
+            self.error = f"{e} (phase {self.cur_phase})"
         except MemoryError:
-            error = f"out of memory in phase {self.cur_phase}"
+            self.error = f"out of memory in phase {self.cur_phase}"
         except BaseException:
-            r.verdict, r.error_phase = ERROR, self.cur_phase
+            r.verdict, r.error_phase = Verdict.ERROR, self.cur_phase
             r.reasons = [f"interrupted in phase {self.cur_phase}"]
             raise
         finally:
@@ -100,19 +102,36 @@ class ScenarioRun:
             r.kernel_log = guard.stop().to_dict()
             r.duration_s = time.monotonic() - t0
         r.dirty = {"passes": self.dirty_passes, "initially_set": self.initially_set}
-        verdict.judge(self, error)
+        self._apply(judge(self.observations(), self.exp))
         return r
 
+    def observations(self) -> Observations:
+        """Everything the verdict needs, frozen."""
+        return Observations(
+            size=self.s.size, backing=self.s.backing.value, phases=tuple(self.res.phases),
+            last_phase=self.cur_phase, dirty_passes=tuple(self.dirty_passes),
+            initially_set=self.initially_set, memory_mismatch=tuple(self.memory_mismatch),
+            verify=self.verify, vm_bugged=self.vm_bugged, error=self.error,
+            host_huge_bytes=self.host_huge_bytes, pass1_regions=self.pass1_regions,
+            kernel_log=self.res.kernel_log)
+
+    def _apply(self, j: Judgement) -> None:
+        r = self.res
+        r.verdict, r.reasons, r.checks, r.observed_split = j.verdict, j.reasons, j.checks, j.observed_split
+        if j.error_phase:
+            r.error_phase = j.error_phase
+
     def _prerequisites(self) -> str | None:
-        s, caps = self.s, self.facts.get("kvm", {}).get("capabilities", {})
-        if s.dirty_mode.capability and not caps.get(s.dirty_mode.capability):
-            return f"KVM lacks KVM_CAP_{s.dirty_mode.capability}"
-        if s.dirty_mode.ring and s.ring_size > caps.get(s.dirty_mode.capability, 0):
-            return f"ring_size {s.ring_size} exceeds KVM's maximum {caps.get(s.dirty_mode.capability)}"
-        if s.guest_page == "1g" and not self.facts.get("kvm", {}).get("guest_features", {}).get("pdpe1gb"):
+        s, f = self.s, self.facts
+        cap = s.dirty_mode.capability
+        if cap and not f.cap(cap):
+            return f"KVM lacks KVM_CAP_{cap}"
+        if cap and s.dirty_mode.ring and s.ring_size > f.cap(cap):
+            return f"ring_size {s.ring_size} exceeds KVM's maximum {f.cap(cap)}"
+        if s.guest_page == "1g" and not f.guest_features.get("pdpe1gb"):
             return ("KVM does not offer 1G guest pages here (no PDPE1GB in "
                     "KVM_GET_SUPPORTED_CPUID)")
-        if s.backing is Backing.THP and self.facts.get("thp") == "never":
+        if s.backing is Backing.THP and f.thp == "never":
             return "transparent hugepages are disabled on this host (THP=never)"
         if s.backing.hugetlb_kb:
             return self.host.ensure_hugepages(s.backing.hugetlb_kb, s.size // s.backing.page_size)
@@ -149,6 +168,16 @@ class ScenarioRun:
         if self.mem is not None:
             self.mem.close()
 
+    @property
+    def machine(self) -> Machine:
+        assert self.m is not None, "the machine is made in _setup()"
+        return self.m
+
+    @property
+    def memory(self) -> GuestMemory:
+        assert self.mem is not None, "the memory is made in _setup()"
+        return self.mem
+
     # -- phases ---------------------------------------------------------------------------
     @contextmanager
     def phase(self, name: str):
@@ -175,12 +204,12 @@ class ScenarioRun:
             self.kernel_s += time.monotonic() - t
 
     def _vm_stats(self) -> dict:
-        st = self.m.vm.stats
+        st = self.machine.vm.stats
         return st.read([n for n in VM_STATS if n in st.descs])
 
     def _vcpu_stats(self) -> dict:
         tot: dict[str, int] = {}
-        for c in self.m.cpus:
+        for c in self.machine.cpus:
             st = c.vcpu.stats
             for k, v in st.read([n for n in VCPU_STATS if n in st.descs]).items():
                 tot[k] = tot.get(k, 0) + v
@@ -194,8 +223,8 @@ class ScenarioRun:
         hang = self.opt.inject_hang == self.cur_phase
         with self.in_kernel():
             for c in range(self.s.vcpus):
-                self.m.send(c, ucall.CMD_HANG if hang else make_cmd(c))
-            return [self.m.expect(c, "DONE", self._timeout(), f"{kind} in phase {self.cur_phase}")
+                self.machine.send(c, ucall.CMD_HANG if hang else make_cmd(c))
+            return [self.machine.expect(c, "DONE", self._timeout(), f"{kind} in phase {self.cur_phase}")
                     for c in range(self.s.vcpus)]
 
     def _partition(self, cpu: int) -> tuple[int, int]:
@@ -203,7 +232,7 @@ class ScenarioRun:
         return cpu * per, per
 
     def _phases(self) -> None:
-        s, m = self.s, self.m
+        s, m = self.s, self.machine
         with self.phase("boot"), self.in_kernel():
             m.start([0])
             hello = m.expect(0, "HELLO", self._timeout(), "HELLO")
@@ -219,7 +248,7 @@ class ScenarioRun:
         with self.phase("populate"):
             self._write_pass(0, "seq", 100, check_dirty=False)
         # what the host kernel backs with huge pages: tells "THP gave none" from a KVM bug
-        self.host_huge_bytes = self.mem.huge_bytes()
+        self.host_huge_bytes = self.memory.huge_bytes()
 
         with self.phase("enable"), self.in_kernel():
             for sl in self.slots:
@@ -257,14 +286,14 @@ class ScenarioRun:
             raise GuestError(f"pass {pass_no}: guest wrote {reported} pages, host computed {len(pages)}")
         self._check_memory(pass_no, pages)
         if pass_no == 1:
-            self.pass1_pages = pages
+            self.pass1_regions = {key: int(np.unique(pages // (size >> 12)).size) for key, size in HUGE_SIZES}
         if check_dirty:
             self._check_dirty(pass_no, pages, guest_s)
 
     def _check_memory(self, pass_no: int, pages: np.ndarray) -> None:
         """The guest's writes must be in host memory at the right place: a split
         that maps the wrong host page shows up here, not in the dirty log."""
-        q = self.mem.qwords()
+        q = self.memory.qwords()
         got = q[pages.astype(np.int64) * 512]
         bad = np.flatnonzero(got != ucall.marker(pass_no, pages))
         if bad.size:
@@ -281,9 +310,9 @@ class ScenarioRun:
         per_slot = s.slot_size >> 12
         if s.dirty_mode.ring:
             with self.in_kernel():
-                entries = self.m.harvest_rings()
+                entries = self.machine.harvest_rings()
             info["ring_entries"] = len(entries)
-            info["ring_full_exits"] = self.m.ring_full_exits
+            info["ring_full_exits"] = self.machine.ring_full_exits
             for slot, off in entries:
                 idx = (slot & 0xFFFF) - FIRST_TEST_SLOT
                 if 0 <= idx < s.memslots and off < per_slot:
@@ -302,7 +331,7 @@ class ScenarioRun:
     def _get_log(self, sl) -> bytearray:
         bm = bytearray(((sl.npages + 63) // 64) * 8)
         with self.in_kernel():
-            self.m.vm.get_dirty_log(sl.slot, bm)
+            self.machine.vm.get_dirty_log(sl.slot, bm)
         return bm
 
     def _clear_log(self, sl, bm: bytearray) -> int:
@@ -313,7 +342,7 @@ class ScenarioRun:
             n = min(chunk, sl.npages - first)
             part = bytearray(bm[first // 8:(first + n + 7) // 8])
             with self.in_kernel():
-                self.m.vm.clear_dirty_log(sl.slot, first, n, part)
+                self.machine.vm.clear_dirty_log(sl.slot, first, n, part)
             calls += 1
         return calls
 
@@ -355,7 +384,7 @@ class ScenarioRun:
     def _verify(self) -> None:
         """The VM is alive and sees what the host sees: each vCPU's XOR over its
         partition equals the host's XOR over the same memory."""
-        q = self.mem.qwords()[::512]
+        q = self.memory.qwords()[::512]
         done = self._command_all(lambda c: ucall.cmd_read(*self._partition(c)), "read pass")
         mismatch = []
         for c, d in enumerate(done):
@@ -372,4 +401,4 @@ def _bits(bm: bytearray, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bm, dtype=np.uint8), bitorder="little")[:n].astype(bool)
 
 
-__all__ = ["ScenarioRun", "RunOptions", "TEST_GPA", "FAIL"]
+__all__ = ["ScenarioRun", "RunOptions", "TEST_GPA"]

@@ -6,12 +6,12 @@ expectation, the reason is what they need to see.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from kvmsplit.host.facts import param_value
-from kvmsplit.vmm.memory import Backing
+from kvmsplit.host.facts import HostFacts
 from kvmsplit.scenario.model import DirtyMode, Scenario
+from kvmsplit.vmm.memory import Backing
 
 
 @dataclass(frozen=True)
@@ -28,26 +28,22 @@ class Expectation:
 
 @dataclass(frozen=True)
 class Rule:
-    applies: Callable[[Scenario, dict], bool]
+    applies: Callable[[Scenario, HostFacts], bool]
     split: str
     when: str | None
     reason: str
 
 
-def _paging(h: dict) -> str:
-    return h.get("virtualization", {}).get("paging", "unknown")
-
-
 RULES: list[Rule] = [
     Rule(lambda s, h: s.backing is Backing.ANON, "none", None,
          "4K anonymous backing: the host has no huge pages for KVM to map huge"),
-    Rule(lambda s, h: _paging(h) == "shadow" and s.guest_page == "4k", "none", None,
+    Rule(lambda s, h: h.paging == "shadow" and s.guest_page == "4k", "none", None,
          "shadow paging maps a guest page no larger than the guest's own 4K page"),
-    Rule(lambda s, h: param_value(h, "eager_page_split") is None, "lazy", None,
+    Rule(lambda s, h: h.param("eager_page_split") is None, "lazy", None,
          "this kernel has no kvm.eager_page_split (before 5.18): huge pages split on write faults"),
-    Rule(lambda s, h: param_value(h, "eager_page_split") is False, "lazy", None,
+    Rule(lambda s, h: h.param("eager_page_split") is False, "lazy", None,
          "kvm.eager_page_split=N: huge pages split on the guest's first write fault"),
-    Rule(lambda s, h: _paging(h) == "shadow" or param_value(h, "tdp_mmu") is False, "lazy", None,
+    Rule(lambda s, h: h.paging == "shadow" or h.param("tdp_mmu") is False, "lazy", None,
          "eager splitting is done by the TDP MMU only; with tdp_mmu=N / shadow paging the "
          "shadow MMU splits on write faults"),
     Rule(lambda s, h: s.dirty_mode is DirtyMode.MANUAL_INIT_SET, "eager", "first-clear",
@@ -58,7 +54,7 @@ RULES: list[Rule] = [
 ]
 
 
-def expect(s: Scenario, facts: dict, override: str | None = None) -> Expectation:
+def expect(s: Scenario, facts: HostFacts, override: str | None = None) -> Expectation:
     rule = next(r for r in RULES if r.applies(s, facts))
     forced = override or (s.expect if s.expect != "auto" else None)
     if forced and forced != rule.split:

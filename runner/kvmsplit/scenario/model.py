@@ -9,19 +9,19 @@ import dataclasses
 import difflib
 import fnmatch
 import re
-import tomllib
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
-from kvmsplit.errors import BadInputError, UnavailableError, read_input
+from kvmsplit.errors import BadInputError, UnavailableError, read_toml
+from kvmsplit.host.facts import HostFacts
 from kvmsplit.vmm.guest.ucall import PAGE_SHIFTS, PATTERNS
 from kvmsplit.vmm.memory import GB, MB, Backing
 
 GUEST_MAX_CPUS = 64   # MAX_CPUS in guests/Makefile
 
 
-class DirtyMode(str, Enum):
+class DirtyMode(StrEnum):
     BITMAP = "bitmap"              # KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG
     MANUAL = "manual"              # MANUAL_DIRTY_LOG_PROTECT2 + KVM_CLEAR_DIRTY_LOG
     MANUAL_INIT_SET = "manual-init-set"   # ... with KVM_DIRTY_LOG_INITIALLY_SET
@@ -79,7 +79,7 @@ class Scenario:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "scenario") -> "Scenario":
+    def from_dict(cls, d: dict, where: str = "scenario") -> Scenario:
         return _build(dict(d), where)
 
     def timeout_for(self, phase: str) -> float:
@@ -185,11 +185,7 @@ def validate(s: Scenario) -> None:
 def load_file(path: str | Path) -> list[Scenario]:
     """Scenarios from a TOML file: optional [defaults] and [[scenario]] tables."""
     p = Path(path)
-    text = read_input(p, "scenario file")
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise BadInputError(f"{p}: not valid TOML: {e}") from None
+    doc = read_toml(p, "scenario file")
     extra = [k for k in doc if k not in ("defaults", "scenario")]
     if extra:
         raise BadInputError(f"{p}: unknown top-level key '{extra[0]}' (expected [defaults] and [[scenario]])")
@@ -207,11 +203,11 @@ def load_file(path: str | Path) -> list[Scenario]:
     return out
 
 
-def default_suite(facts: dict | None = None) -> list[Scenario]:
+def default_suite(facts: HostFacts | None = None) -> list[Scenario]:
     """Each backing x each dirty mode x each guest page size, a few hundred
     MiB each (1 GiB where 1G pages are involved), plus multi-vCPU, multi-slot
     and random-pattern variants. Sized down on hosts with little memory."""
-    avail = (facts or {}).get("memory", {}).get("available") or 8 * GB
+    avail = (facts.mem_available if facts else None) or 8 * GB
     base = 256 * MB if avail >= 4 * GB else 64 * MB
     out = []
     for backing in Backing:
@@ -245,10 +241,10 @@ def select(scenarios: list[Scenario], patterns: list[str] | None) -> list[Scenar
     return [s for s in scenarios if any(hit(s.name, p) for p in patterns)]
 
 
-def check_fits_host(scenarios: list[Scenario], facts: dict) -> None:
+def check_fits_host(scenarios: list[Scenario], facts: HostFacts) -> None:
     """Refuse up front what this host can never run (before anything starts)."""
-    total = facts.get("memory", {}).get("total")
-    ncpu = facts.get("kvm", {}).get("capabilities", {}).get("MAX_VCPUS")
+    total = facts.mem_total
+    ncpu = facts.cap("MAX_VCPUS")
     for s in scenarios:
         if total and s.size > total:
             raise UnavailableError(f"scenario '{s.name}' needs {_fmt_size(s.size)} of guest memory "

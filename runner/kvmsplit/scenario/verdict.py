@@ -1,5 +1,5 @@
-"""Judge a finished scenario: seven checks, each with its own numbers, then
-one verdict.
+"""Judge a scenario from its Observations: seven checks, each with its own
+numbers, then one verdict. A pure function: no VM, no host.
 
   huge-before  huge mappings existed before logging (where they can)
   split        the split behaviour (eager/lazy) matches the expectation
@@ -11,12 +11,24 @@ one verdict.
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from kvmsplit.vmm.memory import Backing
-from kvmsplit.runs.results import ERROR, FAIL, PASS, SKIP, Check
+from kvmsplit.runs.results import Check, CheckStatus, Verdict
+from kvmsplit.scenario.expectation import Expectation
+from kvmsplit.scenario.observations import Observations
 
 GB, MB2 = 1 << 30, 1 << 21
+HUGE_SIZES = (("pages_1g", GB), ("pages_2m", MB2))
+S = CheckStatus
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    reasons: list[str]
+    checks: list[Check]
+    observed_split: str | None
+    error_phase: str | None = None
 
 
 def _huge(stats: dict | None) -> int:
@@ -31,196 +43,196 @@ def _fmt(stats: dict | None) -> str:
     return f"4k={stats.get('pages_4k', 0)} 2m={stats.get('pages_2m', 0)} 1g={stats.get('pages_1g', 0)}"
 
 
-def judge(run, error: str | None) -> None:
-    r, s, exp = run.res, run.s, run.exp
-    ph = {p.name: p.vm_stats for p in r.phases}
-    checks: list[Check] = []
-    add = checks.append
-    huge0 = _huge(ph.get("populate"))
+def judge(obs: Observations, exp: Expectation) -> Judgement:
+    observed, split = _split(obs, exp)
+    checks = [_huge_before(obs, exp), split, _dirty_log(obs), _memory(obs), _recovery(obs, exp),
+              _kernel_log(obs), _alive(obs)]
+    return _verdict(obs, checks, observed)
 
-    # 1. huge mappings before logging
-    if "populate" not in ph:
-        add(Check("huge-before", "skip", "not reached"))
-    elif exp.split == "none":
-        add(Check("huge-before", "n/a", f"not expected: {exp.reason}", {"populate": ph["populate"]}))
-    elif huge0 > 0:
-        add(Check("huge-before", "pass", f"{_fmt(ph['populate'])} after populate",
-                  {"populate": ph["populate"]}))
-    else:
-        host_huge = run.host_huge_bytes
-        if s.backing is Backing.THP and not host_huge:
-            add(Check("huge-before", "skip", f"THP delivered no huge pages for the {s.size >> 20} MiB "
-                      "backing (AnonHugePages=0); split behaviour not tested",
-                      {"host_huge_bytes": host_huge}))
-        else:
-            add(Check("huge-before", "fail", f"KVM mapped no huge pages although the backing is huge "
-                      f"({_fmt(ph['populate'])}, host huge bytes {host_huge})",
-                      {"populate": ph["populate"], "host_huge_bytes": host_huge}))
 
-    # 2. split behaviour
-    observed, split_check = _split(run, ph, huge0)
-    r.observed_split = observed
-    add(split_check)
+def _verdict(obs: Observations, checks: list[Check], observed: str | None) -> Judgement:
+    fails = [c.summary for c in checks if c.status is S.FAIL]
+    if obs.vm_bugged:
+        # the VM is dead: name the kernel report that killed it, first
+        titles = [f"kernel: {r.get('title')}" for r in obs.kernel_log.get("reports", [])]
+        others = [c.summary for c in checks if c.status is S.FAIL and c.name not in ("alive", "kernel-log")]
+        return Judgement(Verdict.FAIL, [f"VM bugged (KVM_BUG_ON?): {obs.vm_bugged}", *titles, *others],
+                         checks, observed, obs.last_phase)
+    if obs.error:
+        return Judgement(Verdict.ERROR, [obs.error, *fails], checks, observed, obs.last_phase)
+    if fails:
+        return Judgement(Verdict.FAIL, fails, checks, observed)
+    skips = [c.summary for c in checks if c.status is S.SKIP]
+    if skips:
+        return Judgement(Verdict.SKIP, skips, checks, observed)
+    return Judgement(Verdict.PASS, [c.summary for c in checks if c.status is S.UNCHECKED], checks, observed)
 
-    # 3. dirty log exactness
-    passes = r.dirty.get("passes") or []
+
+def _huge_before(obs: Observations, exp: Expectation) -> Check:
+    populate = obs.stats("populate")
+    if populate is None:
+        return Check("huge-before", S.SKIP, "not reached")
+    if exp.split == "none":
+        return Check("huge-before", S.NA, f"not expected: {exp.reason}", {"populate": populate})
+    if _huge(populate) > 0:
+        return Check("huge-before", S.PASS, f"{_fmt(populate)} after populate", {"populate": populate})
+    host_huge = obs.host_huge_bytes
+    if obs.backing == "thp" and not host_huge:
+        return Check("huge-before", S.SKIP, f"THP delivered no huge pages for the {obs.size >> 20} MiB "
+                     "backing (AnonHugePages=0); split behaviour not tested", {"host_huge_bytes": host_huge})
+    return Check("huge-before", S.FAIL, f"KVM mapped no huge pages although the backing is huge "
+                 f"({_fmt(populate)}, host huge bytes {host_huge})",
+                 {"populate": populate, "host_huge_bytes": host_huge})
+
+
+def _dirty_log(obs: Observations) -> Check:
+    passes = obs.dirty_passes
     if not passes:
-        add(Check("dirty-log", "skip", "no dirty pass completed"))
-    else:
-        missing = sum(p["missing"] for p in passes)
-        extra = sum(p["extra"] for p in passes)
-        written = sum(p["written"] for p in passes)
-        init = r.dirty.get("initially_set")
-        details = {"written": written, "harvested": sum(p["harvested"] for p in passes),
-                   "missing": missing, "extra": extra}
-        if missing:
-            first = next(p for p in passes if p["missing"])
-            add(Check("dirty-log", "fail", f"dirty pages missing: {missing} written pages never "
-                      f"reported dirty (data loss; first in pass {first['pass']}, pages "
-                      f"{first['missing_sample'][:4]})", details))
-        elif extra:
-            add(Check("dirty-log", "fail", f"extra dirty pages: {extra} pages reported dirty that "
-                      "the guest did not write", details))
-        elif init and init["pages_wrong"]:
-            add(Check("dirty-log", "fail", f"{init['pages_wrong']} pages wrong in the first "
-                      f"KVM_GET_DIRTY_LOG (expected {'all set' if init['expected_all_set'] else 'none'})",
-                      {**details, "initially_set": init}))
-        else:
-            add(Check("dirty-log", "pass", f"{written} pages written over {len(passes)} pass(es), "
-                      "all harvested, none extra", details))
+        return Check("dirty-log", S.SKIP, "no dirty pass completed")
+    missing = sum(p["missing"] for p in passes)
+    extra = sum(p["extra"] for p in passes)
+    written = sum(p["written"] for p in passes)
+    init = obs.initially_set
+    details = {"written": written, "harvested": sum(p["harvested"] for p in passes),
+               "missing": missing, "extra": extra}
+    if missing:
+        first = next(p for p in passes if p["missing"])
+        return Check("dirty-log", S.FAIL, f"dirty pages missing: {missing} written pages never reported "
+                     f"dirty (data loss; first in pass {first['pass']}, pages {first['missing_sample'][:4]})",
+                     details)
+    if extra:
+        return Check("dirty-log", S.FAIL, f"extra dirty pages: {extra} pages reported dirty that the "
+                     "guest did not write", details)
+    if init and init["pages_wrong"]:
+        want = "all set" if init["expected_all_set"] else "none"
+        return Check("dirty-log", S.FAIL, f"{init['pages_wrong']} pages wrong in the first "
+                     f"KVM_GET_DIRTY_LOG (expected {want})", {**details, "initially_set": init})
+    return Check("dirty-log", S.PASS, f"{written} pages written over {len(passes)} pass(es), all "
+                 "harvested, none extra", details)
 
-    # 4. memory contents
-    if run.memory_mismatch:
-        n = sum(x["pages"] for x in run.memory_mismatch)
-        add(Check("memory", "fail", f"guest writes not in host memory for {n} pages "
-                  f"(pass {run.memory_mismatch[0]['pass']}, pages {run.memory_mismatch[0]['sample'][:4]})",
-                  {"mismatch": run.memory_mismatch}))
-    elif "populate" in ph:
-        add(Check("memory", "pass", "every guest write found in host memory"))
 
-    # 5. recovery
-    rec = ph.get("recovery")
+def _memory(obs: Observations) -> Check:
+    if obs.memory_mismatch:
+        n = sum(x["pages"] for x in obs.memory_mismatch)
+        first = obs.memory_mismatch[0]
+        return Check("memory", S.FAIL, f"guest writes not in host memory for {n} pages "
+                     f"(pass {first['pass']}, pages {first['sample'][:4]})",
+                     {"mismatch": list(obs.memory_mismatch)})
+    if obs.stats("populate") is None:
+        return Check("memory", S.SKIP, "not reached")
+    return Check("memory", S.PASS, "every guest write found in host memory")
+
+
+def _recovery(obs: Observations, exp: Expectation) -> Check:
+    populate, rec = obs.stats("populate"), obs.stats("recovery")
+    huge0 = _huge(populate)
     if exp.split == "none" or huge0 == 0:
-        add(Check("recovery", "n/a", "no huge mappings to recover"))
-    elif rec is None:
-        add(Check("recovery", "skip", "not reached"))
-    elif _huge(rec) >= huge0:
-        add(Check("recovery", "pass", f"{_fmt(rec)} after the recovery pass (before logging: "
-                  f"{_fmt(ph['populate'])})", {"recovery": rec}))
-    else:
-        add(Check("recovery", "fail", f"huge pages not recovered: {_huge(rec)} of {huge0} huge "
-                  f"mappings back after logging was disabled ({_fmt(rec)})", {"recovery": rec}))
+        return Check("recovery", S.NA, "no huge mappings to recover")
+    if rec is None:
+        return Check("recovery", S.SKIP, "not reached")
+    if _huge(rec) >= huge0:
+        return Check("recovery", S.PASS, f"{_fmt(rec)} after the recovery pass (before logging: "
+                     f"{_fmt(populate)})", {"recovery": rec})
+    return Check("recovery", S.FAIL, f"huge pages not recovered: {_huge(rec)} of {huge0} huge mappings "
+                 f"back after logging was disabled ({_fmt(rec)})", {"recovery": rec})
 
-    # 6. kernel log
-    kl = r.kernel_log or {}
+
+def _kernel_log(obs: Observations) -> Check:
+    kl = obs.kernel_log
     titles = [rep.get("title") for rep in kl.get("reports", [])]
     tb, ta = kl.get("taint_before"), kl.get("taint_after")
     if titles:
-        add(Check("kernel-log", "fail", "kernel report: " + "; ".join(titles), {"titles": titles}))
-    elif tb is not None and ta is not None and ta != tb:
-        add(Check("kernel-log", "fail", f"kernel taint changed: '{kl.get('taint_before_letters', '')}' "
-                  f"-> '{kl.get('taint_after_letters', '')}' ({tb} -> {ta})"))
-    elif not kl.get("checked", False):
-        add(Check("kernel-log", "unchecked", f"kernel log unchecked: {kl.get('note') or 'unreadable'}"))
-    else:
-        lost = kl.get("lost_records", 0)
-        add(Check("kernel-log", "pass", "no new kernel reports, taint unchanged"
-                  + (f" ({lost} records lost to overrun)" if lost else "")))
-
-    # 7. alive
-    if run.vm_bugged:
-        add(Check("alive", "fail", f"VM bugged (KVM_BUG_ON?): {run.vm_bugged}"))
-    elif run.verify is None:
-        add(Check("alive", "skip", "final guest pass not reached"))
-    elif run.verify["mismatch"]:
-        add(Check("alive", "fail", f"final read pass disagrees with host memory: {run.verify['mismatch'][:2]}",
-                  run.verify))
-    else:
-        add(Check("alive", "pass", f"no EIO; final read pass on {run.verify['vcpus']} vCPU(s) "
-                  "matches host memory"))
-
-    r.checks = checks
-    fails = [c for c in checks if c.status == "fail"]
-    if run.vm_bugged:
-        # the VM is dead: name the kernel report that killed it, first
-        r.verdict = FAIL
-        r.error_phase = run.cur_phase
-        r.reasons = [f"VM bugged (KVM_BUG_ON?): {run.vm_bugged}"] + \
-            [f"kernel: {t}" for t in titles] + [c.summary for c in fails if c.name not in ("alive", "kernel-log")]
-    elif error:
-        r.verdict, r.error_phase = ERROR, run.cur_phase
-        r.reasons = [error] + [c.summary for c in fails]
-    elif fails:
-        r.verdict, r.reasons = FAIL, [c.summary for c in fails]
-    elif any(c.status == "skip" for c in checks):
-        r.verdict, r.reasons = SKIP, [c.summary for c in checks if c.status == "skip"]
-    else:
-        r.verdict = PASS
-        r.reasons = [c.summary for c in checks if c.status == "unchecked"]
+        return Check("kernel-log", S.FAIL, "kernel report: " + "; ".join(map(str, titles)), {"titles": titles})
+    if tb is not None and ta is not None and ta != tb:
+        return Check("kernel-log", S.FAIL, f"kernel taint changed: '{kl.get('taint_before_letters', '')}' "
+                     f"-> '{kl.get('taint_after_letters', '')}' ({tb} -> {ta})")
+    if not kl.get("checked", False):
+        return Check("kernel-log", S.UNCHECKED, f"kernel log unchecked: {kl.get('note') or 'unreadable'}")
+    lost = kl.get("lost_records", 0)
+    return Check("kernel-log", S.PASS, "no new kernel reports, taint unchanged"
+                 + (f" ({lost} records lost to overrun)" if lost else ""))
 
 
-def _split(run, ph: dict, huge0: int):
+def _alive(obs: Observations) -> Check:
+    if obs.vm_bugged:
+        return Check("alive", S.FAIL, f"VM bugged (KVM_BUG_ON?): {obs.vm_bugged}")
+    if obs.verify is None:
+        return Check("alive", S.SKIP, "final guest pass not reached")
+    if obs.verify["mismatch"]:
+        return Check("alive", S.FAIL, f"final read pass disagrees with host memory: "
+                     f"{obs.verify['mismatch'][:2]}", obs.verify)
+    return Check("alive", S.PASS, f"no EIO; final read pass on {obs.verify['vcpus']} vCPU(s) matches "
+                 "host memory")
+
+
+def _split(obs: Observations, exp: Expectation) -> tuple[str | None, Check]:
     """Observed split behaviour from the snapshots, and the check against the
     expectation. Lazy is exact: after the first dirty pass the huge mappings
     left must be those of huge regions the pass did not write."""
-    exp = run.exp
-    enable, clear, d1 = ph.get("enable"), ph.get("first-clear"), ph.get("dirty-1")
-    details = {"expected": exp.to_dict(), "populate": ph.get("populate"), "enable": enable,
-               "first_clear": clear, "dirty_1": d1}
-    if "populate" not in ph:
-        return None, Check("split", "skip", "not reached", details)
+    populate, enable = obs.stats("populate"), obs.stats("enable")
+    clear, d1 = obs.stats("first-clear"), obs.stats("dirty-1")
+    details: dict = {"expected": exp.to_dict(), "populate": populate, "enable": enable,
+                     "first_clear": clear, "dirty_1": d1}
+    if populate is None:
+        return None, Check("split", S.SKIP, "not reached", details)
+    huge0 = _huge(populate)
     if huge0 == 0:
-        st = "pass" if exp.split == "none" else "skip"
+        st = S.PASS if exp.split == "none" else S.SKIP
         return "none", Check("split", st, "no huge mappings, nothing to split"
-                             + ("" if st == "pass" else f" (expected {exp.split})"), details)
+                             + ("" if st is S.PASS else f" (expected {exp.split})"), details)
     if enable is None:
-        return None, Check("split", "skip", "logging was never enabled", details)
-    untouched = _untouched_huge(run, ph["populate"])
+        return None, Check("split", S.SKIP, "logging was never enabled", details)
+    untouched = _untouched_huge(obs, populate)
     details["predicted_after_lazy"] = untouched
-    if _huge(enable) == 0:
-        observed = "eager@enable"
-    elif _huge(enable) < huge0:
-        observed = "eager-incomplete@enable"
-    elif clear is not None and _huge(clear) == 0:
-        observed = "eager@first-clear"
-    elif clear is not None and _huge(clear) < huge0:
-        observed = "eager-incomplete@first-clear"
-    elif d1 is None:
-        return None, Check("split", "skip", "no dirty pass completed", details)
-    elif untouched is not None and _huge(d1) == untouched or untouched is None and _huge(d1) < huge0:
-        observed = "lazy"
-    else:
-        observed = "incomplete"
+    observed = _observed(huge0, enable, clear, d1, untouched)
+    if observed is None:
+        return None, Check("split", S.SKIP, "no dirty pass completed", details)
     want = exp.split if exp.split != "eager" else f"eager@{exp.when}"
-    faults = next((p.vcpu_delta.get("pf_taken") for p in run.res.phases if p.name == "dirty-1"), None)
+    faults = obs.vcpu_delta("dirty-1", "pf_taken")
     details["dirty_1_faults"] = faults
     if observed == want:
-        how = {"lazy": f"lazy: huge mappings kept at enable ({_fmt(enable)}), split by "
-                       f"{faults} write faults in pass 1 ({_fmt(d1)})"}.get(
-            observed, f"eager: huge mappings gone before the guest ran again ({_fmt(clear or enable)})")
-        return observed, Check("split", "pass", f"{how}; expected {want}: {exp.reason}", details)
+        if observed == "lazy":
+            how = (f"lazy: huge mappings kept at enable ({_fmt(enable)}), split by {faults} write faults "
+                   f"in pass 1 ({_fmt(d1)})")
+        else:
+            how = f"eager: huge mappings gone before the guest ran again ({_fmt(clear or enable)})"
+        return observed, Check("split", S.PASS, f"{how}; expected {want}: {exp.reason}", details)
+    return observed, Check("split", S.FAIL, _split_failure(observed, want, exp, huge0, enable, clear, d1,
+                                                           untouched), details)
+
+
+def _observed(huge0: int, enable: dict, clear: dict | None, d1: dict | None, untouched: int | None) -> str | None:
+    for when, at in (("enable", enable), ("first-clear", clear)):
+        if at is not None and _huge(at) == 0:
+            return f"eager@{when}"
+        if at is not None and _huge(at) < huge0:
+            return f"eager-incomplete@{when}"
+    if d1 is None:
+        return None
+    if (_huge(d1) == untouched) if untouched is not None else (_huge(d1) < huge0):
+        return "lazy"
+    return "incomplete"
+
+
+def _split_failure(observed: str, want: str, exp: Expectation, huge0: int, enable: dict,
+                   clear: dict | None, d1: dict | None, untouched: int | None) -> str:
     if observed.startswith("eager-incomplete"):
         at = clear if "clear" in observed else enable
-        msg = f"eager split incomplete: {_huge(at)} of {huge0} huge mappings left after " \
-              f"{observed.split('@')[1]} ({_fmt(at)})"
-    elif observed == "incomplete":
-        msg = f"split incomplete: {_huge(d1)} huge mappings survived the first write pass " \
-              f"(expected {untouched if untouched is not None else 'fewer'}; {_fmt(d1)})"
-    else:
-        msg = f"split was {observed}, expected {want} ({exp.reason})"
-    return observed, Check("split", "fail", msg, details)
+        return (f"eager split incomplete: {_huge(at)} of {huge0} huge mappings left after "
+                f"{observed.split('@')[1]} ({_fmt(at)})")
+    if observed == "incomplete":
+        return (f"split incomplete: {_huge(d1)} huge mappings survived the first write pass "
+                f"(expected {untouched if untouched is not None else 'fewer'}; {_fmt(d1)})")
+    return f"split was {observed}, expected {want} ({exp.reason})"
 
 
-def _untouched_huge(run, populate: dict) -> int | None:
+def _untouched_huge(obs: Observations, populate: dict) -> int | None:
     """How many huge mappings a lazy split leaves after dirty pass 1: those
     whose region the pass did not write. Only predictable when every region
     was mapped huge at one size."""
-    s = run.s
-    if run.pass1_pages is None:
-        return None
-    for key, size in (("pages_1g", GB), ("pages_2m", MB2)):
+    for key, size in HUGE_SIZES:
         n = populate.get(key, 0)
         other = populate.get("pages_2m" if key == "pages_1g" else "pages_1g", 0)
-        if n and not other and n == s.size // size:
-            return n - np.unique(run.pass1_pages // (size >> 12)).size
+        if n and not other and n == obs.size // size and key in obs.pass1_regions:
+            return n - obs.pass1_regions[key]
     return None

@@ -16,25 +16,29 @@ Layout under `cache_dir()/selftests/`:
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from kvmsplit.errors import BadInputError, NoInputError, UnavailableError
+from kvmsplit.kernel.source import (
+    DEBIAN_SOURCES,
+    extract_tarball,
+    find_debian_source,
+    first_error,
+    is_tarball,
+    locked,
+    tarball_stem,
+)
 from kvmsplit.paths import cache_dir
 
 SELFTESTS = "tools/testing/selftests/kvm"
-DEBIAN_SOURCES = Path("/usr/src")
 # All that `make headers` and the KVM selftests read: 160 MB of a 1.7 GB tree.
 TARBALL_PARTS = ("Makefile", "scripts", "include", "arch/x86", "tools", "usr")
 # Inputs whose change means the binaries may change (walked for the stamp).
@@ -43,9 +47,6 @@ STAMP_INPUTS = ("Makefile", SELFTESTS, "tools/testing/selftests/lib.mk",
                 "include/uapi", "arch/x86/include/uapi", "arch/x86/entry/syscalls")
 # A binary that every kernel's KVM selftests build: proof a build finished.
 SENTINEL = "kvm_binary_stats_test"
-_COMPILER_ERROR_RE = re.compile(r":\d+(:\d+)?: (fatal )?error: ")
-_TARBALL_RE = re.compile(r"\.(tar(\.\w+)?|tgz)$")
-_OTHER_ERROR_RE = re.compile(r"error|not found|No such file|\*\*\*", re.IGNORECASE)
 
 
 @dataclass
@@ -70,20 +71,10 @@ class SelftestBuild:
 
 
 # -- finding the source ---------------------------------------------------------------------
-def _version_key(p: Path) -> tuple:
-    return tuple(int(x) for x in re.findall(r"\d+", _TARBALL_RE.sub("", p.name)))
-
-
 def default_source() -> Path:
     """The tree from Debian's linux-source-* package: an extracted
     /usr/src/linux-source-X/ if there is one, else its tarball; the newest."""
-    found = [p for p in DEBIAN_SOURCES.glob("linux-source-*")
-             if (p / "Makefile").is_file() or _TARBALL_RE.search(p.name)]
-    if not found:
-        raise NoInputError("no kernel source tree: give --tree PATH, or install Debian's kernel "
-                           "source (apt-get install linux-source-6.12)")
-    # the newest version; at one version an extracted tree beats the tarball
-    return max(found, key=lambda p: (_version_key(p), p.is_dir()))
+    return find_debian_source(DEBIAN_SOURCES)
 
 
 def kernel_version(tree: Path) -> str:
@@ -114,7 +105,7 @@ def source_tree(path: Path, say: Callable[[str], None] | None = None) -> Path:
         raise NoInputError(f"{path}: no such file or directory")
     if path.is_dir():
         return path.resolve()
-    if not _TARBALL_RE.search(path.name):
+    if not is_tarball(path):
         raise BadInputError(f"{path}: neither a kernel source tree nor a source tarball")
     return _extract(path.resolve(), say)
 
@@ -123,41 +114,10 @@ def _key(*parts: object) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
-@contextmanager
-def _locked(path: Path):
-    """One kvmsplit at a time builds or extracts into a given directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def _extract(tarball: Path, say: Callable[[str], None] | None) -> Path:
     st = tarball.stat()
-    name = _TARBALL_RE.sub("", tarball.name)
-    dest = cache_dir() / "selftests" / "src" / f"{name}-{_key(tarball, st.st_size, st.st_mtime_ns)}"
-    with _locked(dest.with_name(dest.name + ".lock")):
-        if not (dest / ".complete").exists():
-            if say:
-                say(f"extracting {tarball} into the cache (once)")
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
-            try:
-                # "*/PART" with no wildcard across "/": PART at the top of the archive's one directory
-                r = subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp), "--wildcards",
-                                    "--no-wildcards-match-slash", *(f"*/{p}" for p in TARBALL_PARTS)],
-                                   capture_output=True, text=True)
-                if r.returncode:
-                    why = next((ln for ln in r.stderr.splitlines() if ln.strip()), f"exit {r.returncode}")
-                    raise BadInputError(f"{tarball}: cannot extract: {why}")
-                (tmp / ".complete").touch()
-                os.rename(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    tops = [p for p in dest.iterdir() if p.is_dir()]
-    if len(tops) != 1:
-        raise BadInputError(f"{tarball}: not a kernel source tarball (expected one top directory)")
-    return tops[0]
+    dest = cache_dir() / "selftests" / "src" / f"{tarball_stem(tarball)}-{_key(tarball, st.st_size, st.st_mtime_ns)}"
+    return extract_tarball(tarball, dest, TARBALL_PARTS, say)
 
 
 # -- building ------------------------------------------------------------------------------
@@ -181,17 +141,8 @@ def _compiler() -> str:
         if shutil.which(tool) is None:
             raise UnavailableError(f"cannot build the KVM selftests: {tool} not found "
                                    f"(apt-get install {pkg})")
-    r = subprocess.run(["gcc", "--version"], capture_output=True, text=True)
+    r = subprocess.run(["gcc", "--version"], check=False, capture_output=True, text=True)
     return r.stdout.splitlines()[0] if r.stdout else "gcc"
-
-
-def first_error(log: str) -> str:
-    """The line that explains a failed build: the compiler's first error, else
-    the first line that mentions an error, else the last line."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    hit = next((ln for ln in lines if _COMPILER_ERROR_RE.search(ln)), None) or \
-        next((ln for ln in lines if _OTHER_ERROR_RE.search(ln)), None)
-    return hit or (lines[-1] if lines else "no output")
 
 
 def _make_env() -> dict:
@@ -207,7 +158,7 @@ def _run_make(step: str, argv: list[str], log) -> None:
     log.write(f"$ {' '.join(argv)}\n")
     log.flush()
     start = log.tell()
-    r = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=_make_env(),
+    r = subprocess.run(argv, check=False, stdout=log, stderr=subprocess.STDOUT, env=_make_env(),
                        stdin=subprocess.DEVNULL)
     if r.returncode:
         with open(log.name, errors="replace") as f:
@@ -227,7 +178,7 @@ def build(tree: Path | str | None = None, *, force: bool = False, jobs: int | No
     version = check_tree(root)
     out = cache_dir() / "selftests" / "build" / f"{version}-{_key(root, version)}"
     result = SelftestBuild(root, str(source), version, out, cached=True, seconds=0.0)
-    with _locked(out.with_name(out.name + ".lock")):
+    with locked(out.with_name(out.name + ".lock")):
         stamp_file = out / "stamp.json"
         stamp = _stamp(root, compiler)
         try:

@@ -23,12 +23,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmsplit.errors import BadInputError, read_input
-from kvmsplit.host.facts import module_param, param_value
+from kvmsplit.errors import BadInputError, read_toml
+from kvmsplit.host.facts import HostFacts, module_param
 from kvmsplit.paths import REPO_ROOT
 
 DEFAULT_MANIFEST = REPO_ROOT / "kselftests" / "manifest.toml"
@@ -37,29 +36,28 @@ DEFAULT_KEYS = ("timeout",)
 HUGEPAGE_SIZES = {"2M": 2048, "1G": 1048576}
 
 
-def _hw(facts: dict) -> str:
-    return facts.get("virtualization", {}).get("hardware", "none")
+def _hw(facts: HostFacts) -> str:
+    return facts.hardware
 
 
 def _pool(size_kb: int, label: str):
-    def check(facts: dict) -> str | None:
-        pools = {str(k) for k in facts.get("hugetlb", {})}
-        return None if str(size_kb) in pools else f"this kernel has no {label} hugetlb pool"
+    def check(facts: HostFacts) -> str | None:
+        return None if size_kb in facts.hugetlb else f"this kernel has no {label} hugetlb pool"
     return check
 
 
 def _param(name: str):
-    def check(facts: dict) -> str | None:
-        v = param_value(facts, name)
+    def check(facts: HostFacts) -> str | None:
+        v = facts.param(name)
         return None if v is True else f"kvm.{name} is {'N' if v is False else 'absent'}"
     return check
 
 
-def _nx_recovery(facts: dict) -> str | None:
+def _nx_recovery(facts: HostFacts) -> str | None:
     # nx_huge_pages_test -p 100 waits 500 ms and expects every split page
     # recovered by then: what nx_huge_pages_test.sh sets up (ratio 1, 100 ms)
-    ratio = (module_param("kvm", "nx_huge_pages_recovery_ratio") or {}).get("value")
-    period = (module_param("kvm", "nx_huge_pages_recovery_period_ms") or {}).get("value")
+    ratio, period = (getattr(module_param("kvm", n), "value", None)
+                     for n in ("nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms"))
     if ratio == 1 and isinstance(period, int) and 0 < period <= 100:
         return None
     return (f"kvm.nx_huge_pages_recovery_ratio={ratio} and _period_ms={period}; "
@@ -74,8 +72,8 @@ REQUIREMENTS = {
     "needs VMX or SVM for a nested (L2) guest; the CPU offers neither",
     "hugetlb_2m": _pool(2048, "2M"),
     "hugetlb_1g": _pool(1048576, "1G"),
-    "thp": lambda f: None if f.get("thp") in ("always", "madvise") else
-    f"transparent hugepages are {f.get('thp') or 'absent'}",
+    "thp": lambda f: None if f.thp in ("always", "madvise") else
+    f"transparent hugepages are {f.thp or 'absent'}",
     "tdp_mmu": _param("tdp_mmu"),
     "eager_page_split": _param("eager_page_split"),
     "nx_huge_pages": _param("nx_huge_pages"),
@@ -94,7 +92,7 @@ class SelftestCase:
     hugepages: dict[str, int] = field(default_factory=dict)     # "2M"/"1G" -> pages
     about: str = ""
 
-    def unmet(self, facts: dict) -> str | None:
+    def unmet(self, facts: HostFacts) -> str | None:
         """Why this host cannot run it, or None."""
         for req in self.requires:
             why = REQUIREMENTS[req](facts)
@@ -110,12 +108,7 @@ class SelftestCase:
 
 def load(path: Path | str | None = None) -> list[SelftestCase]:
     p = Path(path) if path is not None else DEFAULT_MANIFEST
-    text = read_input(p, "manifest")
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise BadInputError(f"{p}: not valid TOML: {e}") from None
-    return expand(doc, str(p))
+    return expand(read_toml(p, "manifest"), str(p))
 
 
 def expand(doc: dict, where: str) -> list[SelftestCase]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 from kvmsplit.host.changes import HostChanges
+from kvmsplit.host.facts import HostFacts
 from kvmsplit.kernellog import KernelLogGuard
+from kvmsplit.runs.loop import run_items
 from kvmsplit.runs.results import ERROR, SKIP, RunResult, ScenarioResult
+from kvmsplit.runs.sinks import ResultSink
 from kvmsplit.selftests import process
 from kvmsplit.selftests.build import SelftestBuild
 from kvmsplit.selftests.manifest import HUGEPAGE_SIZES, SelftestCase
@@ -32,7 +35,7 @@ def _skip(res: ScenarioResult, why: str) -> ScenarioResult:
     return res
 
 
-def run_case(case: SelftestCase, build: SelftestBuild, facts: dict, host: HostChanges,
+def run_case(case: SelftestCase, build: SelftestBuild, facts: HostFacts, host: HostChanges,
              outdir: Path, *, accept_user_log: bool = False) -> ScenarioResult:
     res = ScenarioResult(name=case.name, scenario=case.to_dict())
     res.started = time.time()
@@ -64,19 +67,35 @@ def run_case(case: SelftestCase, build: SelftestBuild, facts: dict, host: HostCh
     return res
 
 
-def run_selftests(cases: list[SelftestCase], build: SelftestBuild, facts: dict, outdir: Path, *,
+class SelftestBackend:
+    """The kernel's selftests as a run-loop backend (runs.loop.Backend)."""
+    kind = "kselftest"
+
+    def __init__(self, cases: list[SelftestCase], build: SelftestBuild, facts: HostFacts, outdir: Path, *,
+                 accept_user_log: bool = False,
+                 on_start: Callable[[SelftestCase], None] | None = None):
+        self.cases, self.build, self.facts, self.outdir = cases, build, facts, outdir
+        self.accept_user_log, self.on_start = accept_user_log, on_start
+
+    def plan(self) -> list[tuple[str, dict]]:
+        return [(c.name, c.to_dict()) for c in self.cases]
+
+    def run_one(self, index: int, host: HostChanges, rr: RunResult) -> ScenarioResult:
+        if self.on_start:
+            self.on_start(self.cases[index])
+        return run_case(self.cases[index], self.build, self.facts, host, self.outdir,
+                        accept_user_log=self.accept_user_log)
+
+    def close(self) -> None:
+        pass
+
+
+def run_selftests(cases: list[SelftestCase], build: SelftestBuild, facts: HostFacts, outdir: Path, *,
                   allow_host_changes: bool = True, accept_user_log: bool = False,
                   argv: list[str] | None = None,
                   on_start: Callable[[SelftestCase], None] | None = None,
                   on_result: Callable[[int, ScenarioResult], None] | None = None,
-                  sinks: list = ()) -> RunResult:
-    from kvmsplit.runs.loop import run_items
-
-    def run_one(i: int, host, rr: RunResult) -> ScenarioResult:
-        if on_start:
-            on_start(cases[i])
-        return run_case(cases[i], build, facts, host, outdir, accept_user_log=accept_user_log)
-
-    return run_items([(c.name, c.to_dict()) for c in cases], run_one, facts, outdir,
-                     allow_host_changes=allow_host_changes, argv=argv, on_result=on_result,
-                     sinks=sinks)
+                  sinks: Sequence[ResultSink] = ()) -> RunResult:
+    backend = SelftestBackend(cases, build, facts, outdir, accept_user_log=accept_user_log, on_start=on_start)
+    return run_items(backend, facts, outdir, allow_host_changes=allow_host_changes, argv=argv,
+                     on_result=on_result, sinks=sinks)

@@ -1,10 +1,11 @@
 """A minimal x86 machine on /dev/kvm: memslots, a multiboot guest, one thread
 per vCPU, a COM1 line device and an exit port.
 
-The controller (scenario.py) talks to the guest with `send()`/`expect()`;
-vCPU threads turn KVM exits into events on one queue. A vCPU that never comes
-back out of KVM_RUN is kicked with a signal plus `immediate_exit`, so a hung
-guest costs a timeout, never a hung runner.
+The controller (scenario/engine.py) talks to the guest with `send()`/`expect()`;
+vCPU threads match on the typed exits Vcpu.run() returns and turn them into
+events on one queue. A vCPU that never comes back out of KVM_RUN is kicked
+with a signal plus `immediate_exit`, so a hung guest costs a timeout, never a
+hung runner.
 """
 from __future__ import annotations
 
@@ -12,11 +13,28 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
 
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.guest.loader import MB_BOOT_MAGIC, load_multiboot
-from kvmsplit.vmm.kvm import FaultInjector, Kvm, KvmIoctlError, VmBugged, uapi
+from kvmsplit.vmm.kvm import (
+    DirtyRingFullExit,
+    FailEntryExit,
+    FaultInjector,
+    HltExit,
+    InternalErrorExit,
+    IoExit,
+    Kvm,
+    KvmIoctlError,
+    ShutdownExit,
+    Vcpu,
+    VcpuExit,
+    VmBugged,
+    uapi,
+)
 from kvmsplit.vmm.memory import Backing, GuestMemory
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -55,8 +73,8 @@ class Slot:
 
 @dataclass
 class _VcpuState:
-    vcpu: object
-    inbox: "queue.Queue[bytes]" = field(default_factory=queue.Queue)
+    vcpu: Vcpu
+    inbox: queue.Queue[bytes] = field(default_factory=queue.Queue)
     pending: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     thread: threading.Thread | None = None
@@ -79,7 +97,8 @@ class Machine:
         self.kvm = kvm
         self.vm = kvm.create_vm()
         self.vm.fault = fault
-        self.events: "queue.Queue[tuple]" = queue.Queue()
+        # (tag, vcpu id, payload): "line" GuestLine|None, "dead" str, "vmbugged" VmBugged
+        self.events: queue.Queue[tuple[str, int, Any]] = queue.Queue()
         self.console: list[str] = []           # every line the guest printed
         self._backlog: list[ucall.GuestLine] = []
         self.slots: dict[int, Slot] = {}
@@ -121,12 +140,12 @@ class Machine:
         s.flags = flags
 
     # -- boot ---------------------------------------------------------------------
-    def load(self, image) -> None:
-        self.boot = load_multiboot(image, self.sysmem.buf, SYS_GPA, self.sysmem.size)
+    def load(self, image: Path | str) -> None:
+        boot = load_multiboot(image, self.sysmem.buf, SYS_GPA, self.sysmem.size)
         for st in self.cpus:
-            _set_multiboot_state(st.vcpu, self.boot.entry, self.boot.mbinfo_gpa)
+            _set_multiboot_state(st.vcpu, boot.entry, boot.mbinfo_gpa)
 
-    def start(self, cpus=None) -> None:
+    def start(self, cpus: Iterable[int] | None = None) -> None:
         """Start vCPU threads (all, or the given indices)."""
         for i in (range(len(self.cpus)) if cpus is None else cpus):
             st = self.cpus[i]
@@ -166,76 +185,71 @@ class Machine:
                 self._backlog.append(gl)   # another vCPU's answer: keep it for its expect()
             elif tag == "vmbugged":
                 raise ev[2]
-            elif tag in ("exit", "dead"):
+            elif tag == "dead":
                 raise GuestError(ev[2])
 
     # -- vCPU threads ---------------------------------------------------------------
-    def _event(self, *ev) -> None:
-        self.events.put(ev)
+    def _event(self, tag: str, vcpu_id: int, payload: Any) -> None:
+        self.events.put((tag, vcpu_id, payload))
 
     def _vcpu_loop(self, st: _VcpuState) -> None:
         v = st.vcpu
-        run = v.run_struct
         try:
             while not self._stop.is_set():
                 try:
-                    reason = v.run()
+                    ex = v.run()
                 except InterruptedError:
-                    continue
-                if reason == uapi.EXIT_IO:
-                    if self._handle_io(st):
-                        return
-                elif reason == uapi.EXIT_DIRTY_RING_FULL:
-                    self._harvest_ring(v)
-                elif reason == uapi.EXIT_HLT:
-                    self._event("dead", v.id, f"vcpu {v.id} halted unexpectedly")
-                    return
-                elif reason == uapi.EXIT_SHUTDOWN:
-                    self._event("dead", v.id, f"vcpu {v.id}: SHUTDOWN exit (triple fault)")
-                    return
-                elif reason == uapi.EXIT_INTERNAL_ERROR:
-                    ie = run.exit.internal
-                    self._event("dead", v.id, f"vcpu {v.id}: INTERNAL_ERROR suberror {ie.suberror} "
-                                f"data {[hex(x) for x in ie.data[:ie.ndata]]}")
-                    return
-                elif reason == uapi.EXIT_FAIL_ENTRY:
-                    fe = run.exit.fail_entry
-                    self._event("dead", v.id, f"vcpu {v.id}: FAIL_ENTRY reason "
-                                f"{fe.hardware_entry_failure_reason:#x}")
-                    return
-                else:
-                    self._event("dead", v.id, f"vcpu {v.id}: unexpected exit {uapi.EXIT_NAMES.get(reason, reason)}")
+                    continue        # a kick: look at the stop flag
+                why = self._handle_exit(st, ex)
+                if why:
+                    self._event("dead", v.id, why)
                     return
         except VmBugged as e:
-            # without its traceback: the vCPU thread's frames hold views of the
-            # mmap'd kvm_run, which could then never be unmapped
+            # without its traceback: it would keep this thread's frames, and
+            # the last exit in them, alive in the event queue after the thread
+            # ends (that once pinned the mmap'd kvm_run; see Vcpu.run())
             self._event("vmbugged", v.id, e.with_traceback(None))
         except KvmIoctlError as e:
             self._event("dead", v.id, f"vcpu {v.id}: {e}")
 
-    def _handle_io(self, st: _VcpuState) -> bool:
-        """Serve one IO exit. Returns True when the guest asked to exit."""
-        io = st.vcpu.run_struct.exit.io
-        data = st.vcpu.io_data()
-        if io.direction == uapi.EXIT_IO_OUT:
+    def _handle_exit(self, st: _VcpuState, ex: VcpuExit) -> str | None:
+        """Serve one exit. Returns why the vCPU is done, or None to run on."""
+        vid = st.vcpu.id
+        match ex:
+            case IoExit():
+                return self._handle_io(st, ex)
+            case DirtyRingFullExit():
+                self._harvest_ring(st.vcpu)
+                return None
+            case HltExit():
+                return f"vcpu {vid} halted unexpectedly"
+            case ShutdownExit():
+                return f"vcpu {vid}: SHUTDOWN exit (triple fault)"
+            case InternalErrorExit(suberror=sub, data=data):
+                return f"vcpu {vid}: INTERNAL_ERROR suberror {sub} data {[hex(x) for x in data]}"
+            case FailEntryExit(reason=reason):
+                return f"vcpu {vid}: FAIL_ENTRY reason {reason:#x}"
+            case _:
+                return f"vcpu {vid}: unexpected exit {ex.name}"
+
+    def _handle_io(self, st: _VcpuState, io: IoExit) -> str | None:
+        """Serve one IO exit: the UART, the exit port, and 0xFF for any other
+        IN. `io.data` is only valid until the next run(), so nothing keeps it."""
+        if io.is_out:
             if io.port == ucall.COM1:
-                self._uart_out(st, bytes(data))
+                self._uart_out(st, bytes(io.data))
             elif io.port == ucall.EXIT_PORT:
-                code = data[0]
-                self._event("exit", st.vcpu.id, f"vcpu {st.vcpu.id}: guest exited with code {code:#x}")
-                return True
-            return False
-        # IN
+                return f"vcpu {st.vcpu.id}: guest exited with code {io.data[0]:#x}"
+            return None
         if io.port == ucall.COM1_LSR:
             for i in range(io.count):
-                data[i] = LSR_THR_EMPTY | (LSR_DATA_READY if self._uart_ready(st) else 0)
+                io.data[i] = LSR_THR_EMPTY | (LSR_DATA_READY if self._uart_ready(st) else 0)
         elif io.port == ucall.COM1:
             for i in range(io.count):
-                data[i] = st.pending.pop(0) if st.pending else 0
+                io.data[i] = st.pending.pop(0) if st.pending else 0
         else:
-            for i in range(len(data)):
-                data[i] = 0xFF
-        return False
+            io.data[:] = b"\xff" * len(io.data)
+        return None
 
     def _uart_ready(self, st: _VcpuState) -> bool:
         # Block briefly in the exit handler instead of letting the guest spin
@@ -257,7 +271,8 @@ class Machine:
             self.console.append(text)
             self._event("line", st.vcpu.id, ucall.parse_line(text))
 
-    def _harvest_ring(self, v) -> None:
+    def _harvest_ring(self, v: Vcpu) -> None:
+        assert v.ring is not None, "a ring-full exit without a dirty ring"
         got = v.ring.harvest()
         with self._ring_lock:
             self.ring_harvest.extend(got)
@@ -270,7 +285,8 @@ class Machine:
             out = self.ring_harvest
             self.ring_harvest = []
             for st in self.cpus:
-                out.extend(st.vcpu.ring.harvest())
+                if st.vcpu.ring is not None:
+                    out.extend(st.vcpu.ring.harvest())
             self.vm.reset_dirty_rings()
         return out
 
@@ -280,7 +296,7 @@ class Machine:
         self._stop.set()
         deadline = time.monotonic() + timeout
         for st in self.cpus:
-            while st.thread is not None and st.thread.is_alive():
+            while st.thread is not None and st.thread.is_alive() and st.thread.ident is not None:
                 st.vcpu.kick_prepare()
                 try:
                     signal.pthread_kill(st.thread.ident, KICK_SIGNAL)
@@ -298,14 +314,14 @@ class Machine:
             m.close()
         self._mems = []
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _cpuid_for(entries, apic_id: int):
+def _cpuid_for(entries: Sequence[uapi.kvm_cpuid_entry2], apic_id: int) -> list[uapi.kvm_cpuid_entry2]:
     """The host-supported CPUID with this vCPU's APIC id patched in, which is
     how the guest learns its cpu number (CPUID.1:EBX[31:24])."""
     out = []
@@ -319,7 +335,7 @@ def _cpuid_for(entries, apic_id: int):
     return out
 
 
-def _set_multiboot_state(vcpu, entry: int, mbinfo: int) -> None:
+def _set_multiboot_state(vcpu: Vcpu, entry: int, mbinfo: int) -> None:
     """The machine state multiboot v1 promises at the kernel's entry point."""
     s = vcpu.get_sregs()
     code = uapi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x08, type=0xB, present=1,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from enum import Enum
+from enum import StrEnum
+from typing import Self
 
 import numpy as np
 
@@ -17,7 +18,7 @@ MB = 1 << 20
 GB = 1 << 30
 
 
-class Backing(str, Enum):
+class Backing(StrEnum):
     ANON = "anon"
     THP = "thp"
     HUGETLB_2M = "hugetlb-2m"
@@ -46,18 +47,19 @@ class GuestMemory:
             self._fd = os.memfd_create(f"kvmsplit-{backing.value}", os.MFD_CLOEXEC | os.MFD_HUGETLB | flag)
             os.ftruncate(self._fd, size)
             # hugetlbfs aligns the mapping to its page size itself
-            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            m = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._off = 0
         else:
             # over-allocate and use an aligned window; the slack is never touched
-            self._map = mmap.mmap(-1, size + align, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
-            base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+            m = mmap.mmap(-1, size + align, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                          mmap.PROT_READ | mmap.PROT_WRITE)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(m))
             self._off = (-base) % align
             advice = mmap.MADV_HUGEPAGE if backing is Backing.THP else mmap.MADV_NOHUGEPAGE
-            self._map.madvise(advice, self._off, size)
-        self.hva = ctypes.addressof(ctypes.c_char.from_buffer(self._map)) + self._off
-        self.buf = memoryview(self._map)[self._off:self._off + size]
+            m.madvise(advice, self._off, size)
+        self._map: mmap.mmap | None = m
+        self.hva = ctypes.addressof(ctypes.c_char.from_buffer(m)) + self._off
+        self.buf = memoryview(m)[self._off:self._off + size]
 
     def qwords(self) -> np.ndarray:
         """A zero-copy u64 view of the memory."""
@@ -74,8 +76,7 @@ class GuestMemory:
                 if "-" in line.split(" ", 1)[0] and not line[0].isupper():
                     lo, hi = (int(x, 16) for x in line.split(" ", 1)[0].split("-"))
                     cur = (lo, hi) if lo < end and hi > start else None
-                elif cur and (line.startswith("AnonHugePages:") or line.startswith("Private_Hugetlb:")
-                              or line.startswith("Shared_Hugetlb:")):
+                elif cur and line.startswith(("AnonHugePages:", "Private_Hugetlb:", "Shared_Hugetlb:")):
                     total += int(line.split()[1]) * 1024
         return total
 
@@ -91,8 +92,8 @@ class GuestMemory:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

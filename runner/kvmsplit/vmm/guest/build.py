@@ -24,7 +24,7 @@ def _source_hash(src: Path) -> str:
     for f in sorted(p for p in src.iterdir() if p.is_file() and p.suffix in (".S", ".c", ".h", ".ld", "")):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     try:
-        h.update(subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.encode())
+        h.update(subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False).stdout.encode())
     except OSError:
         pass
     return h.hexdigest()[:16]
@@ -48,11 +48,11 @@ def guest_image(src: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
     try:
         r = subprocess.run(["make", "-s", "-C", str(src), f"OUT={tmp}"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         if r.returncode != 0:
-            first = next((l for l in (r.stderr + r.stdout).splitlines() if "error" in l.lower()),
-                         (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"])
-            raise UnavailableError(f"guest build failed: {first if isinstance(first, str) else first[0]}")
+            last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
+            first = next((ln for ln in (r.stderr + r.stdout).splitlines() if "error" in ln.lower()), last[0])
+            raise UnavailableError(f"guest build failed: {first}")
         try:
             os.rename(tmp, out)
         except OSError:  # another process won the race; its build is as good as ours

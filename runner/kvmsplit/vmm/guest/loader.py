@@ -23,7 +23,8 @@ class BootInfo:
     mbinfo_gpa: int
 
 
-def load_multiboot(path: Path, mem, mem_gpa: int, mem_size: int, mbinfo_gpa: int = 0x9000) -> BootInfo:
+def load_multiboot(path: Path | str, mem: bytearray | memoryview, mem_gpa: int, mem_size: int,
+                   mbinfo_gpa: int = 0x9000) -> BootInfo:
     """Load `path` into `mem` (a writable buffer mapping GPA mem_gpa..+mem_size)."""
     data = Path(path).read_bytes()
     for off in range(0, min(len(data), MB_SEARCH) - 12, 4):

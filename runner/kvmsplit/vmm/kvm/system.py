@@ -7,6 +7,7 @@ import os
 
 from kvmsplit.vmm.kvm import uapi
 from kvmsplit.vmm.kvm.fd import KvmFd, KvmIoctlError
+from kvmsplit.vmm.kvm.vm import Vm
 
 DEV_KVM = os.environ.get("KVMSPLIT_DEV_KVM", "/dev/kvm")  # overridable for tests
 
@@ -30,22 +31,22 @@ class Kvm(KvmFd):
         self.path = path
 
     def api_version(self) -> int:
-        return self.ioctl("KVM_GET_API_VERSION", uapi.KVM_GET_API_VERSION)
+        return self.ioctl(uapi.KVM_GET_API_VERSION)
 
     def check_extension(self, cap: int) -> int:
-        return self.ioctl("KVM_CHECK_EXTENSION", uapi.KVM_CHECK_EXTENSION, cap)
+        return self.ioctl(uapi.KVM_CHECK_EXTENSION, cap)
 
     def vcpu_mmap_size(self) -> int:
-        return self.ioctl("KVM_GET_VCPU_MMAP_SIZE", uapi.KVM_GET_VCPU_MMAP_SIZE)
+        return self.ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE)
 
-    def supported_cpuid(self):
+    def supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         """KVM_GET_SUPPORTED_CPUID, growing the buffer until it fits."""
         nent = 64
         while True:
             buf = uapi.kvm_cpuid2(nent)()
             buf.nent = nent
             try:
-                self.ioctl("KVM_GET_SUPPORTED_CPUID", uapi.KVM_GET_SUPPORTED_CPUID, buf)
+                self.ioctl(uapi.KVM_GET_SUPPORTED_CPUID, buf)
             except KvmIoctlError as e:
                 if e.errno == errno.E2BIG and nent < 4096:
                     nent *= 2
@@ -53,6 +54,5 @@ class Kvm(KvmFd):
                 raise
             return list(buf.entries[:buf.nent])
 
-    def create_vm(self, vm_type: int = 0):
-        from kvmsplit.vmm.kvm.vm import Vm
-        return Vm(self, self.ioctl("KVM_CREATE_VM", uapi.KVM_CREATE_VM, vm_type))
+    def create_vm(self, vm_type: int = 0) -> Vm:
+        return Vm(self, self.ioctl(uapi.KVM_CREATE_VM, vm_type))

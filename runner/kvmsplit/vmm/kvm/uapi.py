@@ -1,5 +1,6 @@
-"""The KVM userspace ABI for x86_64: ioctl numbers, capability numbers, exit
-reasons and the ctypes structs they carry.
+"""The KVM userspace ABI for x86_64: the ioctls (each declared once as an
+Ioctl: name, number, argument struct), capability numbers, exit reasons and
+the ctypes structs they carry.
 
 Everything the ioctl layers (system.py, vm.py, vcpu.py) pass to the kernel is
 defined here and nowhere else, in the spirit of rust-vmm's kvm-bindings.
@@ -10,9 +11,11 @@ ioctl number the kernel sees.
 from __future__ import annotations
 
 import ctypes as C
+from dataclasses import dataclass
 
 # --- ioctl number encoding (include/uapi/asm-generic/ioctl.h) -------------
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+_IOC_SIZEBITS = 14
 KVMIO = 0xAE
 
 
@@ -20,20 +23,43 @@ def _ioc(direction: int, nr: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
 
 
-def _io(nr: int) -> int:
-    return _ioc(_IOC_NONE, nr, 0)
+def _IOC_SIZE(number: int) -> int:   # the kernel's macro, by its name
+    return (number >> 16) & ((1 << _IOC_SIZEBITS) - 1)
 
 
-def _ior(nr: int, struct) -> int:
-    return _ioc(_IOC_READ, nr, C.sizeof(struct))
+@dataclass(frozen=True)
+class Ioctl:
+    """One ioctl, declared once: its name (for errors and fault injection),
+    its number, and the struct whose size that number encodes.
+
+    `arg` is None for _IO ioctls, which take an int or nothing. A `flexible`
+    struct is only the header of what the kernel reads (struct kvm_cpuid2
+    ends in entries[]), so a bigger buffer is allowed.
+    """
+    name: str
+    number: int
+    arg: type | None = None
+    flexible: bool = False
+
+    @property
+    def size(self) -> int:
+        return _IOC_SIZE(self.number)
 
 
-def _iow(nr: int, struct) -> int:
-    return _ioc(_IOC_WRITE, nr, C.sizeof(struct))
+def _io(name: str, nr: int) -> Ioctl:
+    return Ioctl(name, _ioc(_IOC_NONE, nr, 0))
 
 
-def _iowr(nr: int, struct) -> int:
-    return _ioc(_IOC_READ | _IOC_WRITE, nr, C.sizeof(struct))
+def _ior(name: str, nr: int, struct: type, flexible: bool = False) -> Ioctl:
+    return Ioctl(name, _ioc(_IOC_READ, nr, C.sizeof(struct)), struct, flexible)
+
+
+def _iow(name: str, nr: int, struct: type, flexible: bool = False) -> Ioctl:
+    return Ioctl(name, _ioc(_IOC_WRITE, nr, C.sizeof(struct)), struct, flexible)
+
+
+def _iowr(name: str, nr: int, struct: type, flexible: bool = False) -> Ioctl:
+    return Ioctl(name, _ioc(_IOC_READ | _IOC_WRITE, nr, C.sizeof(struct)), struct, flexible)
 
 
 # --- structs ----------------------------------------------------------------
@@ -105,7 +131,8 @@ class kvm_cpuid2_header(C.Structure):
     _fields_ = [("nent", C.c_uint32), ("padding", C.c_uint32)]
 
 
-def kvm_cpuid2(nent: int):
+def kvm_cpuid2(nent: int) -> type[C.Structure]:
+    """struct kvm_cpuid2 with room for `nent` entries (the header, then entries[])."""
     class _kvm_cpuid2(C.Structure):
         _fields_ = [("nent", C.c_uint32), ("padding", C.c_uint32),
                     ("entries", kvm_cpuid_entry2 * nent)]
@@ -168,32 +195,36 @@ class kvm_stats_desc(C.Structure):
 
 # --- ioctls -----------------------------------------------------------------
 # system fd
-KVM_GET_API_VERSION = _io(0x00)
-KVM_CREATE_VM = _io(0x01)
-KVM_CHECK_EXTENSION = _io(0x03)
-KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
-KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2_header)
+KVM_GET_API_VERSION = _io("KVM_GET_API_VERSION", 0x00)
+KVM_CREATE_VM = _io("KVM_CREATE_VM", 0x01)
+KVM_CHECK_EXTENSION = _io("KVM_CHECK_EXTENSION", 0x03)   # also on a VM fd
+KVM_GET_VCPU_MMAP_SIZE = _io("KVM_GET_VCPU_MMAP_SIZE", 0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr("KVM_GET_SUPPORTED_CPUID", 0x05, kvm_cpuid2_header, flexible=True)
 # vm fd
-KVM_CREATE_VCPU = _io(0x41)
-KVM_GET_DIRTY_LOG = _iow(0x42, kvm_dirty_log)
-KVM_SET_USER_MEMORY_REGION = _iow(0x46, kvm_userspace_memory_region)
-KVM_SET_TSS_ADDR = _io(0x47)
-KVM_SET_USER_MEMORY_REGION2 = _iow(0x49, kvm_userspace_memory_region2)
-KVM_ENABLE_CAP = _iow(0xA3, kvm_enable_cap)
-KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, kvm_clear_dirty_log)
-KVM_RESET_DIRTY_RINGS = _io(0xC7)
-KVM_GET_STATS_FD = _io(0xCE)
+KVM_CREATE_VCPU = _io("KVM_CREATE_VCPU", 0x41)
+KVM_GET_DIRTY_LOG = _iow("KVM_GET_DIRTY_LOG", 0x42, kvm_dirty_log)
+KVM_SET_USER_MEMORY_REGION = _iow("KVM_SET_USER_MEMORY_REGION", 0x46, kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR = _io("KVM_SET_TSS_ADDR", 0x47)
+KVM_SET_USER_MEMORY_REGION2 = _iow("KVM_SET_USER_MEMORY_REGION2", 0x49, kvm_userspace_memory_region2)
+KVM_ENABLE_CAP = _iow("KVM_ENABLE_CAP", 0xA3, kvm_enable_cap)
+KVM_CLEAR_DIRTY_LOG = _iowr("KVM_CLEAR_DIRTY_LOG", 0xC0, kvm_clear_dirty_log)
+KVM_RESET_DIRTY_RINGS = _io("KVM_RESET_DIRTY_RINGS", 0xC7)
+KVM_GET_STATS_FD = _io("KVM_GET_STATS_FD", 0xCE)
 # vcpu fd
-KVM_RUN = _io(0x80)
-KVM_GET_REGS = _ior(0x81, kvm_regs)
-KVM_SET_REGS = _iow(0x82, kvm_regs)
-KVM_GET_SREGS = _ior(0x83, kvm_sregs)
-KVM_SET_SREGS = _iow(0x84, kvm_sregs)
-KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2_header)
+KVM_RUN = _io("KVM_RUN", 0x80)
+KVM_GET_REGS = _ior("KVM_GET_REGS", 0x81, kvm_regs)
+KVM_SET_REGS = _iow("KVM_SET_REGS", 0x82, kvm_regs)
+KVM_GET_SREGS = _ior("KVM_GET_SREGS", 0x83, kvm_sregs)
+KVM_SET_SREGS = _iow("KVM_SET_SREGS", 0x84, kvm_sregs)
+KVM_SET_CPUID2 = _iow("KVM_SET_CPUID2", 0x90, kvm_cpuid2_header, flexible=True)
+
+# every ioctl above by name: what `--inject-eio NAME` may name
+IOCTLS: dict[str, Ioctl] = {v.name: v for v in dict(globals()).values() if isinstance(v, Ioctl)}
 
 KVM_API_VERSION = 12
 
 # --- capabilities -------------------------------------------------------------
+CAP_USER_MEMORY = 3     # always there: what the "is the VM bugged?" probe asks
 CAP_NR_VCPUS = 9
 CAP_MAX_VCPUS = 66
 CAP_READONLY_MEM = 81

@@ -3,89 +3,119 @@ per-vCPU dirty ring."""
 from __future__ import annotations
 
 import ctypes as C
+import errno
 import mmap
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from kvmsplit.vmm.kvm import uapi
-from kvmsplit.vmm.kvm.fd import KvmFd
+from kvmsplit.vmm.kvm import exits, uapi
+from kvmsplit.vmm.kvm.fd import KvmFd, KvmIoctlError
 from kvmsplit.vmm.kvm.stats import StatsFd
+
+if TYPE_CHECKING:
+    from kvmsplit.vmm.kvm.vm import Vm
 
 
 class Vcpu(KvmFd):
-    def __init__(self, vm, vcpu_id: int, fd: int):
+    # class defaults, so close() is safe when __init__ failed half-way
+    _run_map: mmap.mmap | None = None
+    _kvm_run: uapi.kvm_run | None = None
+    _io_view: memoryview | None = None       # the last IoExit's data, released by the next run()
+    _stats: StatsFd | None = None
+    ring: DirtyRing | None = None
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int):
         super().__init__(fd)
         self.vm = vm
         self.id = vcpu_id
         self._run_map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size(), mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_struct = uapi.kvm_run.from_buffer(self._run_map)
-        self._run_addr = C.addressof(self.run_struct)
-        self._stats: StatsFd | None = None
-        self.ring = None
-        if vm.dirty_ring_bytes:
-            self.ring = DirtyRing(fd, vm.dirty_ring_bytes)
+        self._kvm_run = uapi.kvm_run.from_buffer(self._run_map)
+        self.ring = DirtyRing(fd, vm.dirty_ring_bytes) if vm.dirty_ring_bytes else None
+
+    def _vm_fd(self) -> KvmFd:
+        return self.vm     # an EIO here is confirmed (or not) on the VM fd
 
     # -- registers ---------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
         r = uapi.kvm_regs()
-        self.ioctl("KVM_GET_REGS", uapi.KVM_GET_REGS, r)
+        self.ioctl(uapi.KVM_GET_REGS, r)
         return r
 
     def set_regs(self, r: uapi.kvm_regs) -> None:
-        self.ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, r)
+        self.ioctl(uapi.KVM_SET_REGS, r)
 
     def get_sregs(self) -> uapi.kvm_sregs:
         s = uapi.kvm_sregs()
-        self.ioctl("KVM_GET_SREGS", uapi.KVM_GET_SREGS, s)
+        self.ioctl(uapi.KVM_GET_SREGS, s)
         return s
 
     def set_sregs(self, s: uapi.kvm_sregs) -> None:
-        self.ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, s)
+        self.ioctl(uapi.KVM_SET_SREGS, s)
 
-    def set_cpuid(self, entries) -> None:
+    def set_cpuid(self, entries: Sequence[uapi.kvm_cpuid_entry2]) -> None:
         buf = uapi.kvm_cpuid2(len(entries))()
         buf.nent = len(entries)
         for i, e in enumerate(entries):
             buf.entries[i] = e
-        self.ioctl("KVM_SET_CPUID2", uapi.KVM_SET_CPUID2, buf)
+        self.ioctl(uapi.KVM_SET_CPUID2, buf)
 
     # -- running ------------------------------------------------------------------
-    def run(self) -> int:
-        """One KVM_RUN (GIL released). Returns the exit reason; raises
-        InterruptedError on EINTR so the caller can look at its stop flag."""
-        self.ioctl("KVM_RUN", uapi.KVM_RUN, retry_eintr=False)
-        return self.run_struct.exit_reason
+    def run(self) -> exits.VcpuExit:
+        """One KVM_RUN (GIL released), returning the exit it reported. Raises
+        InterruptedError (KvmInterrupted) on EINTR so the caller can look at
+        its stop flag."""
+        # locals: a close() racing with a stop() that timed out must not pull
+        # the page from under the decoding (it cannot unmap while they live)
+        run, page = self._kvm_run, self._run_map
+        if run is None or page is None:
+            raise KvmIoctlError(errno.EBADF, uapi.KVM_RUN.name, f"(vcpu {self.id} is closed)")
+        self._release_io_view()
+        self.ioctl(uapi.KVM_RUN, retry_eintr=False)
+        ex = exits.decode(run, page)
+        if isinstance(ex, exits.IoExit):
+            self._io_view = ex.data
+        return ex
 
-    def io_data(self) -> memoryview:
-        """The data bytes of the current KVM_EXIT_IO (size*count bytes)."""
-        io = self.run_struct.exit.io
-        off = io.data_offset
-        return memoryview(self._run_map)[off:off + io.size * io.count]
+    def _release_io_view(self) -> None:
+        # An IoExit's data is a view of the kvm_run page, valid only until the
+        # next KVM_RUN; released here, a view kept by mistake (a traceback, a
+        # handler's frame) can no longer pin the mapping past close().
+        if self._io_view is not None:
+            self._io_view.release()
+            self._io_view = None
 
     def kick_prepare(self) -> None:
         """Make the next (or current, once signalled) KVM_RUN return EINTR."""
-        self.run_struct.immediate_exit = 1
+        if self._kvm_run is not None:
+            self._kvm_run.immediate_exit = 1
 
     @property
     def stats(self) -> StatsFd:
         if self._stats is None:
-            self._stats = StatsFd(self.ioctl("KVM_GET_STATS_FD", uapi.KVM_GET_STATS_FD))
+            self._stats = StatsFd(self.ioctl(uapi.KVM_GET_STATS_FD))
         return self._stats
 
     def close(self) -> None:
-        if getattr(self, "_stats", None) is not None:
+        if self._stats is not None:
             self._stats.close()
             self._stats = None
-        if getattr(self, "ring", None) is not None:
+        if self.ring is not None:
             self.ring.close()
             self.ring = None
-        if getattr(self, "_run_map", None) is not None:
-            self.run_struct = None
-            try:
-                self._run_map.close()
-            except BufferError:
-                pass    # a view is still alive somewhere; the mapping goes with it
+        if self._run_map is not None:
+            self._release_io_view()
+            self._kvm_run = None
+            _unmap(self._run_map)
             self._run_map = None
         super().close()
+
+
+def _unmap(m: mmap.mmap) -> None:
+    try:
+        m.close()
+    except BufferError:
+        pass    # a view is still alive somewhere; the mapping goes with it
 
 
 class DirtyRing:
@@ -97,16 +127,20 @@ class DirtyRing:
     """
 
     def __init__(self, vcpu_fd: int, nbytes: int):
-        self._map = mmap.mmap(vcpu_fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                              offset=uapi.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        self._map: mmap.mmap | None = mmap.mmap(vcpu_fd, nbytes, mmap.MAP_SHARED,
+                                                mmap.PROT_READ | mmap.PROT_WRITE,
+                                                offset=uapi.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
         self.size = nbytes // C.sizeof(uapi.kvm_dirty_gfn)
-        self.entries = (uapi.kvm_dirty_gfn * self.size).from_buffer(self._map)
+        self.entries: C.Array[uapi.kvm_dirty_gfn] | None = \
+            (uapi.kvm_dirty_gfn * self.size).from_buffer(self._map)
         self.fetch_index = 0
 
     def harvest(self) -> list[tuple[int, int]]:
         """Collect every published entry as (slot, offset), marking each for reset."""
-        out = []
+        out: list[tuple[int, int]] = []
         ents, size = self.entries, self.size
+        if ents is None:
+            raise ValueError("dirty ring is closed")
         while True:
             e = ents[self.fetch_index % size]
             if not (e.flags & uapi.DIRTY_GFN_F_DIRTY):
@@ -119,8 +153,5 @@ class DirtyRing:
     def close(self) -> None:
         if self._map is not None:
             self.entries = None
-            try:
-                self._map.close()
-            except BufferError:
-                pass    # see Vcpu.close()
+            _unmap(self._map)
             self._map = None

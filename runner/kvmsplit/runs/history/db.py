@@ -1,66 +1,21 @@
-"""The history database: every run, stored while it runs (SQLite, one file).
-
-A run is inserted when it starts, with every planned scenario as MISS, and
-each scenario is replaced by its result as soon as it finishes; so a run
-that is killed outright keeps what it finished, and shows the rest as never
-run. Phase times get a table of their own because compare's baseline is
-"this phase of this scenario in every earlier run on this host".
-"""
+"""The History class: one SQLite file, opened per operation."""
 from __future__ import annotations
 
 import json
 import shlex
 import sqlite3
-import time
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvmsplit.errors import BadInputError, NoInputError
 from kvmsplit.paths import data_dir
-from kvmsplit.runs.digest import host_name, kernel_release, kind, results_source
-from kvmsplit.report.outputs import warn
-from kvmsplit.runs.schema import from_json, load_results, results_path
-from kvmsplit.runs.results import RunResult, ScenarioResult, _json_default
+from kvmsplit.runs.digest import headline, host_name, kernel_release, kind, reports
+from kvmsplit.runs.history.migrate import LATEST, ensure_latest
+from kvmsplit.runs.results import RunResult, ScenarioResult, json_default
+from kvmsplit.runs.schema import from_json
 
-DB_VERSION = 1      # PRAGMA user_version of the layout below
-
-_LAYOUT = (
-    """CREATE TABLE runs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- what `kvmsplit history` shows
-    run_id      TEXT NOT NULL,                      -- RunResult.run_id
-    host        TEXT NOT NULL,
-    kernel      TEXT NOT NULL,
-    started     REAL NOT NULL,
-    finished    REAL,                               -- NULL: still running, or killed
-    interrupted INTEGER NOT NULL DEFAULT 0,
-    series      TEXT,                               -- JSON, or NULL
-    outdir      TEXT,
-    run         TEXT NOT NULL,                      -- the RunResult as JSON, less its scenarios
-    UNIQUE (host, run_id, started)
-)""",
-    """CREATE TABLE scenarios (
-    run            INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    idx            INTEGER NOT NULL,
-    name           TEXT NOT NULL,
-    kind           TEXT NOT NULL,
-    params         TEXT NOT NULL,    -- canonical JSON of the parameters: "the same scenario"
-    verdict        TEXT NOT NULL,
-    observed_split TEXT,
-    result         TEXT NOT NULL,    -- the ScenarioResult as JSON
-    PRIMARY KEY (run, idx)
-)""",
-    """CREATE TABLE phases (
-    run        INTEGER NOT NULL,
-    idx        INTEGER NOT NULL,
-    seq        INTEGER NOT NULL,
-    name       TEXT NOT NULL,
-    duration_s REAL NOT NULL,
-    PRIMARY KEY (run, idx, seq),
-    FOREIGN KEY (run, idx) REFERENCES scenarios(run, idx) ON DELETE CASCADE
-)""",
-    """CREATE INDEX scenarios_by_params ON scenarios(name, params)""",
-)
+DB_VERSION = LATEST     # PRAGMA user_version of the layout this kvmsplit writes
 
 
 def default_db() -> Path:
@@ -76,7 +31,13 @@ def _head(rr: RunResult) -> str:
 
 
 def _json(obj) -> str:
-    return json.dumps(obj, default=_json_default)
+    return json.dumps(obj, default=json_default)
+
+
+def stored_headline(sr: ScenarioResult) -> str | None:
+    """scenarios.headline: digest.headline, or NULL where it would only repeat
+    the verdict (schema_v2.HEADLINE_SQL computes the same for old rows)."""
+    return headline(sr) if reports(sr) or sr.reasons else None
 
 
 @dataclass
@@ -121,15 +82,15 @@ class History:
     def _db(self):
         """One connection and one transaction per operation: a run killed
         between two scenarios leaves nothing open. The write lock is taken up
-        front, so that two runs creating the database at once, or a reader
-        racing a writer, wait for each other instead of failing."""
+        front, so that two runs creating (or upgrading) the database at once,
+        or a reader racing a writer, wait for each other instead of failing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
                 db.execute("PRAGMA foreign_keys = ON")
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._check_layout(db)
+                    ensure_latest(db, self.path)
                     yield db
                 except BaseException:
                     db.execute("ROLLBACK")
@@ -137,16 +98,6 @@ class History:
                 db.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             raise BadInputError(f"{self.path}: history database unusable: {e}") from None
-
-    def _check_layout(self, db) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0 and not db.execute("SELECT 1 FROM sqlite_master").fetchone():
-            for statement in _LAYOUT:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {DB_VERSION}")
-        elif version != DB_VERSION:
-            raise BadInputError(f"{self.path}: history database version {version}, "
-                                f"this kvmsplit reads version {DB_VERSION}")
 
     # -- writing ---------------------------------------------------------------------
     def add_run(self, rr: RunResult, outdir: Path | None = None) -> int:
@@ -156,11 +107,12 @@ class History:
                        (host_name(rr), rr.run_id, rr.started))
             cur = db.execute(
                 "INSERT INTO runs (run_id, host, kernel, started, finished, interrupted, series,"
-                " outdir, run) VALUES (?,?,?,?,?,?,?,?,?)",
+                " outdir, run, kvmsplit_version) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (rr.run_id, host_name(rr), kernel_release(rr), rr.started, rr.finished,
                  int(rr.interrupted), _json(rr.series) if rr.series else None,
-                 str(outdir) if outdir else None, _head(rr)))
+                 str(outdir) if outdir else None, _head(rr), rr.kvmsplit_version))
             pk = cur.lastrowid
+            assert pk is not None
             for i, sr in enumerate(rr.scenarios):
                 self._put_scenario(db, pk, i, sr)
         return pk
@@ -180,9 +132,10 @@ class History:
     @staticmethod
     def _put_scenario(db, pk: int, i: int, sr: ScenarioResult) -> None:
         db.execute("DELETE FROM scenarios WHERE run = ? AND idx = ?", (pk, i))
-        db.execute("INSERT INTO scenarios VALUES (?,?,?,?,?,?,?,?)",
+        db.execute("INSERT INTO scenarios (run, idx, name, kind, params, verdict, observed_split, result,"
+                   " headline) VALUES (?,?,?,?,?,?,?,?,?)",
                    (pk, i, sr.name, kind(sr), _params(sr), sr.verdict, sr.observed_split,
-                    _json(asdict(sr))))
+                    _json(asdict(sr)), stored_headline(sr)))
         db.executemany("INSERT INTO phases VALUES (?,?,?,?,?)",
                        [(pk, i, seq, p.name, p.duration_s) for seq, p in enumerate(sr.phases)])
 
@@ -253,58 +206,3 @@ class History:
         if self.path == default_db():
             return str(pk)
         return f"{pk} --db {shlex.quote(str(self.path.resolve()))}"
-
-
-class HistorySink:
-    """Records a run into the history as it goes (a suite.ResultSink)."""
-
-    def __init__(self, history: History):
-        self.history = history
-        self.pk: int | None = None
-
-    def started(self, rr: RunResult, outdir: Path) -> None:
-        try:
-            self.pk = self.history.add_run(rr, outdir.resolve())
-        except BadInputError as e:
-            warn("history not recorded", e)
-
-    def scenario_done(self, rr: RunResult, index: int, outdir: Path) -> None:
-        if self.pk is not None:
-            try:
-                self.history.update_scenario(self.pk, index, rr.scenarios[index])
-            except BadInputError as e:
-                warn("history not updated", e)
-
-    def finished(self, rr: RunResult, outdir: Path) -> None:
-        if self.pk is not None:
-            try:
-                self.history.finish_run(self.pk, rr)
-            except BadInputError as e:
-                warn("history not updated", e)
-
-
-def fmt_time(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
-
-
-@dataclass
-class LoadedRun:
-    rr: RunResult
-    ref: str                    # how to name it to a person: "run 12" or the file
-    source: str                 # how `kvmsplit rerun` takes it (digest.rerun_command)
-    path: Path | None = None    # the results.json, when it came from one
-
-
-def open_run(ref: str, history: History) -> LoadedRun:
-    """RUN: a history id (as `kvmsplit history` lists), a results.json or its
-    directory, or a RunResult.run_id stored in the history."""
-    if ref.isdigit():
-        pk = int(ref)
-        return LoadedRun(history.load(pk), f"run {pk}", history.run_source(pk))
-    p = results_path(ref)
-    if p.exists() or ref.endswith(".json") or "/" in ref:
-        return LoadedRun(load_results(p), str(p), results_source(p), p)
-    pk = history.find(ref)
-    if pk is None:
-        raise NoInputError(f"{ref}: neither a results file nor a run in {history.path}")
-    return LoadedRun(history.load(pk), f"run {pk}", history.run_source(pk))

@@ -1,0 +1,91 @@
+"""`kvmsplit list` and `kvmsplit run`: kvmsplit's own scenarios on /dev/kvm."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvmsplit import __version__
+from kvmsplit.cli.console import Progress, table
+from kvmsplit.cli.options import (
+    add_expect,
+    add_phase_timeout,
+    add_run_options,
+    add_selection,
+    default_sinks,
+    finish,
+    host_facts,
+    output_dir,
+)
+from kvmsplit.errors import EXIT_OK, UsageError
+from kvmsplit.host.facts import HostFacts
+from kvmsplit.runs.loop import run_items
+from kvmsplit.scenario.backend import ScenarioBackend
+from kvmsplit.scenario.engine import RunOptions
+from kvmsplit.scenario.expectation import expect
+from kvmsplit.scenario.model import Scenario, check_fits_host, default_suite, load_file, select
+
+
+def chosen_scenarios(args) -> tuple[list[Scenario], HostFacts]:
+    """Scenario files are read before anything touches the host, so bad input
+    is reported even where /dev/kvm is missing."""
+    base = [s for f in args.scenario or [] for s in load_file(f)]
+    facts = host_facts()
+    chosen = select(base or default_suite(facts), args.k)
+    if not chosen:
+        raise UsageError(f"no scenario matches -k {' '.join(args.k or [])}")
+    return chosen, facts
+
+
+def cmd_list(args) -> int:
+    scenarios, facts = chosen_scenarios(args)
+    for s in scenarios:
+        e = expect(s, facts, args.expect)
+        when = f"@{e.when}" if e.when else ""
+        print(f"{s.name:44} {s.size >> 20:>6}M vcpus={s.vcpus} slots={s.memslots} "
+              f"{s.pattern}/{s.percent}% passes={s.passes}  expect {e.split}{when}")
+    return EXIT_OK
+
+
+def _yn(v) -> str:
+    return "Y" if v is True else "N" if v is False else str(v)
+
+
+def run_scenarios(args, scenarios: list[Scenario], facts: HostFacts, *, what: str, options: RunOptions,
+                  series: dict | None = None) -> int:
+    """Run scenarios through the shared loop; `kvmsplit run` and `rerun` both end here."""
+    check_fits_host(scenarios, facts)
+    out = output_dir(args, "-rerun" if args.cmd == "rerun" else "")
+    progress = Progress(len(scenarios), verbose=getattr(args, "verbose", False))
+    options.on_phase = progress.phase
+    print(f"kvmsplit {__version__}: {what} {len(scenarios)} scenario(s) on {facts.kernel_release}, "
+          f"paging {facts.paging}, tdp_mmu={_yn(facts.param('tdp_mmu'))}, "
+          f"eager_page_split={_yn(facts.param('eager_page_split'))}; results in {out}/", file=sys.stderr)
+    rr = run_items(ScenarioBackend(scenarios, facts, options), facts, out,
+                   allow_host_changes=not args.no_host_changes, argv=sys.argv,
+                   on_result=lambda i, r: progress.result(r), sinks=default_sinks(args, series))
+    return finish(args, rr, out, table)
+
+
+def cmd_run(args) -> int:
+    scenarios, facts = chosen_scenarios(args)
+    opts = RunOptions(expect=args.expect, accept_user_log=args.accept_user_log,
+                      phase_timeout=args.phase_timeout, inject_eio=args.inject_eio,
+                      inject_hang=args.inject_hang)
+    return run_scenarios(args, scenarios, facts, what="running", options=opts)
+
+
+def add_parsers(sub) -> None:
+    sp = sub.add_parser("list", help="list the scenarios a run would run, with their expectation")
+    add_selection(sp)
+    add_expect(sp)
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("run", help="run scenarios and judge them")
+    add_selection(sp)
+    add_expect(sp)
+    add_run_options(sp, "results/<time>")
+    add_phase_timeout(sp)
+    sp.add_argument("-v", "--verbose", action="store_true", help="a line per phase, also when not on a terminal")
+    sp.add_argument("--inject-eio", metavar="IOCTL", help=argparse.SUPPRESS)
+    sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_run)

@@ -1,0 +1,34 @@
+"""kvmsplit's own scenarios as a run-loop backend (runs.loop.Backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvmsplit.host.changes import HostChanges
+from kvmsplit.host.facts import HostFacts
+from kvmsplit.runs.results import RunResult, ScenarioResult
+from kvmsplit.scenario.engine import RunOptions, ScenarioRun
+from kvmsplit.scenario.model import Scenario
+from kvmsplit.vmm.guest.build import guest_image
+from kvmsplit.vmm.kvm import Kvm
+
+
+class ScenarioBackend:
+    kind = "scenario"
+
+    def __init__(self, scenarios: list[Scenario], facts: HostFacts, options: RunOptions | None = None,
+                 image: Path | None = None):
+        self.scenarios, self.facts = scenarios, facts
+        self.options = options or RunOptions()
+        self.image = image or guest_image()
+        self.kvm = Kvm()
+
+    def plan(self) -> list[tuple[str, dict]]:
+        return [(s.name, s.to_dict()) for s in self.scenarios]
+
+    def run_one(self, index: int, host: HostChanges, rr: RunResult) -> ScenarioResult:
+        run = ScenarioRun(self.scenarios[index], self.facts, self.image, host, self.kvm, self.options)
+        rr.scenarios[index] = run.res      # so an interrupt records the phase
+        return run.run()
+
+    def close(self) -> None:
+        self.kvm.close()
