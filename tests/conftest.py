@@ -32,6 +32,15 @@ def _kvm_usable() -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_history(tmp_path_factory):
+    """Runs made by tests (in this process or in kvmsplit subprocesses, which
+    inherit the environment) go into a history of their own, never the user's."""
+    if "KVMSPLIT_DATA_DIR" not in os.environ:
+        os.environ["KVMSPLIT_DATA_DIR"] = str(tmp_path_factory.mktemp("kvmsplit-data"))
+    yield
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("kvm"):
         why = _kvm_usable()

@@ -54,7 +54,7 @@ BAD = [
     ('name = "x"\nsize = "3M"', "does not split into 1 memslot(s) of whole 2M pages"),
     ('name = "x"\nsize = "64M"\nbacking = "hugetlb-1g"', "of whole 1G pages"),
     ('name = "x"\nsize = "1T"', "size: must be between 4K and 512G"),
-    ('name = "x"\npercent = 120', "percent: must be 0..100"),
+    ('name = "x"\npercent = 120', "percent: must be 1..100"),
     ('name = "x"\nvcpus = 0', "vcpus: must be 1..64"),
     ('name = "x"\nvcpus = "two"', "vcpus: expected an integer"),
     ('name = "x"\nring_size = "5000"', "ring_size: must be a power of two"),

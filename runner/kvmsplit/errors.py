@@ -11,12 +11,15 @@ import tomllib
 from pathlib import Path
 
 EXIT_OK = 0
-EXIT_FAILED = 1          # something ran and did not pass
+EXIT_FAILED = 1          # something ran and did not pass (FAIL, ERROR, or a scenario that never ran)
 EXIT_NO_KVM = 2          # /dev/kvm missing or inaccessible
+EXIT_UNCONFIRMED = 3     # nothing failed, but a witness was missing (see --allow-unchecked)
+EXIT_NOTHING_TESTED = 4  # everything was skipped or wrote nothing: no evidence either way (KSFT_SKIP)
 EXIT_USAGE = 64          # bad command line (sysexits EX_USAGE)
 EXIT_BAD_INPUT = 65      # malformed input data: scenario file, kernel log, KTAP (EX_DATAERR)
 EXIT_NO_INPUT = 66       # an input file does not exist (EX_NOINPUT)
 EXIT_UNAVAILABLE = 69    # the host cannot provide what was asked: memory, toolchain (EX_UNAVAILABLE)
+EXIT_INTERNAL = 70       # a bug in kvmsplit itself; the scenario's traceback is in the results (EX_SOFTWARE)
 EXIT_INTERRUPTED = 130   # Ctrl-C / SIGTERM; partial results are still written
 
 

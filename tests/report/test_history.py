@@ -45,11 +45,11 @@ def test_history_command(kv, tmp_path):
     History(db).add_run(make_run(run_id="20260102-000000-2", started=1_767_312_000.0, host="other"))
     rc, out, _ = kv("history", "--db", db)
     head, newest, older = out.splitlines()
-    assert head.split() == ["id", "started", "host", "kernel", "pass", "fail", "error", "skip", "miss",
+    assert head.split() == ["id", "started", "host", "kernel", "pass", "fail", "error", "skip", "miss", "unconfirmed",
                             "state", "series"]
     assert newest.split()[0] == "2" and " other " in newest
     assert older.split()[0] == "1" and " ci-box.example.org " in older
-    assert older.split()[-11:] == ["1", "1", "1", "1", "1", "interrupted", "KVM:", "x86/mmu:", "split",
+    assert older.split()[-12:] == ["1", "1", "1", "1", "1", "0", "interrupted", "KVM:", "x86/mmu:", "split",
                                    "faster", "v3"]
     rc, out, _ = kv("history", "--db", db, "--host", "other")
     assert rc == 0 and len(out.splitlines()) == 2

@@ -6,7 +6,8 @@ import sys
 
 from kvmsplit.runs.results import RunResult, ScenarioResult, Verdict
 
-COLOR = {Verdict.PASS: "32", Verdict.FAIL: "31", Verdict.ERROR: "35", Verdict.SKIP: "33", Verdict.MISS: "90"}
+COLOR = {Verdict.PASS: "32", Verdict.FAIL: "31", Verdict.ERROR: "35", Verdict.SKIP: "33", Verdict.MISS: "90",
+         Verdict.UNCONFIRMED: "93"}
 
 
 class Progress:
@@ -65,7 +66,7 @@ def table(rr: RunResult, tty: bool = False) -> str:
             dirty = f"{h}/{w}" + (f" ({miss} missing)" if miss else "")
         else:
             dirty = "-"
-        verdict = r.verdict + ("*" if r.verdict is Verdict.PASS and r.reasons else "")
+        verdict = str(r.verdict)
         rows.append((r.name, verdict, r.observed_split or "-", want, dirty,
                      _phase_s(r, "populate"), _phase_s(r, "enable"), _phase_s(r, "dirty"),
                      _phase_s(r, "recovery")))
@@ -73,7 +74,7 @@ def table(rr: RunResult, tty: bool = False) -> str:
     def fmt(row, color=False):
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if color:
-            cells[1] = f"\x1b[{COLOR[Verdict(row[1].rstrip('*'))]}m{cells[1]}\x1b[0m"
+            cells[1] = f"\x1b[{COLOR[Verdict(row[1])]}m{cells[1]}\x1b[0m"
         return "  ".join(cells).rstrip()
     lines = [fmt(head), "  ".join("-" * w for w in widths)]
     lines += [fmt(r, tty) for r in rows]

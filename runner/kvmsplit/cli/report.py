@@ -33,7 +33,7 @@ def cmd_history(args) -> int:
                        *[str(r.counts.get(v, 0)) for v in verdicts], r.state, series_label(r.series))
                       for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    right = {0, 4, 5, 6, 7, 8}
+    right = {0, *range(4, 4 + len(verdicts))}
     for row in table:
         print("  ".join(c.rjust(w) if i in right else c.ljust(w)
                         for i, (c, w) in enumerate(zip(row, widths))).rstrip())

@@ -174,7 +174,10 @@ class KernelLogGuard:
                 self._note(f"stopped reading after {len(got.records)} records")
             if got.error:
                 self._note(f"{self.kmsg_path}: {got.error}; kernel log only partly checked")
-            return GuardResult(checked=got.error is None, lost_records=got.lost,
+            # a record lost to overrun, or one past the cap, may have been the
+            # WARNING that matters: such a log is not a clean one
+            complete = got.error is None and not got.lost and not got.truncated
+            return GuardResult(checked=complete, lost_records=got.lost,
                                records=[r for r in got.records if self._counted(r)],
                                lost_exact=got.lost_exact, source=self.kmsg_path)
         if self._dmesg_after_us is not None:

@@ -24,9 +24,10 @@ from kvmsplit.runs.digest import (
     series_label,
     slug,
 )
-from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, RunResult, ScenarioResult
+from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, UNCONFIRMED, RunResult, ScenarioResult
 
-VERDICT_COLOR = {PASS: "#1a7f37", FAIL: "#cf222e", ERROR: "#8250df", SKIP: "#bf8700", MISS: "#6e7781"}
+VERDICT_COLOR = {PASS: "#1a7f37", FAIL: "#cf222e", ERROR: "#8250df", SKIP: "#bf8700", MISS: "#6e7781",
+                 UNCONFIRMED: "#d4a72c"}
 # (stat, label, bytes per page, colour)
 PAGE_SIZES = (("pages_4k", "4K", 4 << 10, "#f28e2b"), ("pages_2m", "2M", 2 << 20, "#4e79a7"),
               ("pages_1g", "1G", 1 << 30, "#76b7b2"))

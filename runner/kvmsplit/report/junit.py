@@ -12,7 +12,7 @@ import time
 import xml.etree.ElementTree as ET
 
 from kvmsplit.runs.digest import failure_text, headline, host_name, kernel_release, kind, series_label
-from kvmsplit.runs.results import ERROR, FAIL, MISS, SKIP, RunResult, ScenarioResult
+from kvmsplit.runs.results import ERROR, FAIL, MISS, SKIP, UNCONFIRMED, RunResult, ScenarioResult
 
 # XML 1.0 cannot carry most control characters, and kernel logs and guest
 # consoles do contain them.
@@ -40,6 +40,10 @@ def _testcase(rr: RunResult, sr: ScenarioResult, source: str) -> ET.Element:
         el.text = _x(failure_text(sr, source))
         if sr.console_tail:
             ET.SubElement(tc, "system-out").text = _x("\n".join(sr.console_tail))
+    elif sr.verdict == UNCONFIRMED:
+        # not a pass: a witness was missing (JUnit has no better word than failure)
+        el = ET.SubElement(tc, "failure", message=_x("unconfirmed: " + "; ".join(sr.reasons)), type=UNCONFIRMED)
+        el.text = _x(failure_text(sr, source))
     elif sr.verdict == MISS:
         ET.SubElement(tc, "error", message="never ran: the run was interrupted first", type=MISS)
     elif sr.verdict == SKIP:
@@ -50,7 +54,7 @@ def _testcase(rr: RunResult, sr: ScenarioResult, source: str) -> ET.Element:
 def junit_xml(rr: RunResult, source: str) -> str:
     c = rr.counts()
     total_s = sum(sr.duration_s or 0.0 for sr in rr.scenarios)
-    attrs = {"tests": str(len(rr.scenarios)), "failures": str(c[FAIL]),
+    attrs = {"tests": str(len(rr.scenarios)), "failures": str(c[FAIL] + c[UNCONFIRMED]),
              "errors": str(c[ERROR] + c[MISS]), "time": f"{total_s:.3f}"}
     root = ET.Element("testsuites", name="kvmsplit", **attrs)
     suite = ET.SubElement(root, "testsuite", name=f"kvmsplit on {_x(host_name(rr))}",

@@ -22,7 +22,7 @@ from kvmsplit.runs.digest import (
     rerun_command,
     series_label,
 )
-from kvmsplit.runs.results import RunResult, ScenarioResult
+from kvmsplit.runs.results import RunResult, ScenarioResult, Verdict
 
 ORIGIN = "kvmsplit"
 SCHEMA = {"major": 5, "minor": 3}
@@ -59,9 +59,14 @@ def _checkout(rr: RunResult, checkout_id: str) -> dict:
     return c
 
 
+# KCIDB's statuses are ours, but for a missing witness: "DONE" is KCIDB's
+# "ran, and its outcome is not stated" - never PASS
+KCIDB_STATUS = {Verdict.UNCONFIRMED: "DONE"}
+
+
 def _test(rr: RunResult, sr: ScenarioResult, test_id: str, build_id: str, source: str) -> dict:
     t = {"id": test_id, "build_id": build_id, "origin": ORIGIN, "path": kcidb_path(sr),
-         "status": sr.verdict, "comment": sr.name,
+         "status": KCIDB_STATUS.get(sr.verdict, sr.verdict), "comment": sr.name,
          "environment": {"comment": host_name(rr),
                          "misc": {"host": host_name(rr), "kernel": kernel_release(rr)}},
          "misc": {"scenario": sr.scenario, "reasons": sr.reasons,

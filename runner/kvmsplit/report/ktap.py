@@ -4,14 +4,16 @@ CI already parses for kselftest and KUnit.
 One test per scenario. Diagnostic lines come before the result line they
 explain (reasons, kernel report titles, the rerun command); directives:
 SKIP for a skipped scenario, ERROR for one the run itself broke or never
-reached (an interrupted run is not ok: nothing vouches for what did not run).
+reached (an interrupted run is not ok: nothing vouches for what did not run),
+UNCONFIRMED for one where nothing failed but a witness was missing (not ok:
+a CI box must not read it as a pass).
 """
 from __future__ import annotations
 
 from typing import TextIO
 
 from kvmsplit.runs.digest import failed, host_name, kernel_release, reports, rerun_command, results_source, series_label
-from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, RunResult, ScenarioResult
+from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, UNCONFIRMED, RunResult, ScenarioResult
 
 
 def header(rr: RunResult) -> list[str]:
@@ -34,7 +36,7 @@ def result(sr: ScenarioResult, number: int, source: str) -> list[str]:
     """The diagnostic lines, then the result line. A SKIP or ERROR carries its
     first reason in the directive, and a kernel report title already quoted
     by a reason is not repeated."""
-    in_directive = sr.verdict in (SKIP, ERROR) and sr.reasons
+    in_directive = sr.verdict in (SKIP, ERROR, UNCONFIRMED) and sr.reasons
     why = _clean(sr.reasons[0]) if in_directive else ""
     diag = [f"# {_line(r)}" for r in sr.reasons[1 if in_directive else 0:]]
     diag += [f"# kernel: {_line(t)}" for t in (rep.get("title", "") for rep in reports(sr))
@@ -48,6 +50,7 @@ def result(sr: ScenarioResult, number: int, source: str) -> list[str]:
         FAIL: f"not ok {number} {name}",
         ERROR: f"not ok {number} {name} # ERROR {why}".rstrip(),
         MISS: f"not ok {number} {name} # ERROR never ran: the run was interrupted first",
+        UNCONFIRMED: f"not ok {number} {name} # UNCONFIRMED {why}".rstrip(),
     }[sr.verdict]
     return diag + [line]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -53,7 +54,7 @@ def run_items(backend: Backend, facts: HostFacts, outdir: Path, *,
             rr.host_changes = host.log
             for i in range(len(rr.scenarios)):
                 current = i
-                rr.scenarios[i] = backend.run_one(i, host, rr)
+                rr.scenarios[i] = _run_one(backend, i, host, rr)
                 current = None
                 rr.write(outdir)
                 notify(sinks, "scenario_done", rr, i, outdir)
@@ -73,6 +74,20 @@ def run_items(backend: Backend, facts: HostFacts, outdir: Path, *,
         rr.write(outdir)
         notify(sinks, "finished", rr, outdir)
     return rr
+
+
+def _run_one(backend: Backend, i: int, host: HostChanges, rr: RunResult) -> ScenarioResult:
+    """One item; a bug in kvmsplit (any exception the backend did not turn
+    into a verdict) is an ERROR for this item with its traceback, and the run
+    goes on. Ctrl-C and SIGTERM (BaseException) still end the run."""
+    try:
+        return backend.run_one(i, host, rr)
+    except Exception as e:      # what reaches here is a kvmsplit bug, by definition
+        r = rr.scenarios[i]      # the backend's in-progress result, if it put one there
+        phase = f" in phase {r.error_phase}" if r.error_phase else ""
+        r.verdict, r.reasons = Verdict.ERROR, [f"internal error{phase}: {type(e).__name__}: {e}"]
+        r.extra["internal_error"] = traceback.format_exc()
+        return r
 
 
 def replay(rr: RunResult, outdir: Path, sinks: Sequence[ResultSink]) -> None:

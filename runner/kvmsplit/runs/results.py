@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from kvmsplit.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_NOTHING_TESTED, EXIT_OK, EXIT_UNCONFIRMED
+
 SCHEMA_VERSION = 1
 
 class Verdict(StrEnum):
@@ -23,14 +25,23 @@ class Verdict(StrEnum):
     ERROR = "ERROR"     # the run itself broke: guest hang, crash, bad set-up, a kvmsplit bug
     SKIP = "SKIP"       # could not be tested here; the reason is given
     MISS = "MISS"       # never ran, e.g. the run was interrupted first
+    # nothing wrong was seen, but a witness was missing (unreadable kernel log,
+    # lost records, no tracepoints): not a pass, and not exit 0 unless allowed
+    UNCONFIRMED = "UNCONFIRMED"
 
     @property
     def failed(self) -> bool:
         """What a CI box must act on."""
         return self in (Verdict.FAIL, Verdict.ERROR)
 
+    @property
+    def tested(self) -> bool:
+        """The scenario ran to a judgement on evidence (good or bad)."""
+        return self in (Verdict.PASS, Verdict.FAIL, Verdict.UNCONFIRMED)
+
 
 PASS, FAIL, ERROR, SKIP, MISS = Verdict.PASS, Verdict.FAIL, Verdict.ERROR, Verdict.SKIP, Verdict.MISS
+UNCONFIRMED = Verdict.UNCONFIRMED
 VERDICTS = tuple(Verdict)
 
 
@@ -120,10 +131,28 @@ class RunResult:
         return c
 
     @property
+    def internal_errors(self) -> list[ScenarioResult]:
+        return [s for s in self.scenarios if s.extra.get("internal_error")]
+
+    def exit_code(self, allow_unchecked: bool = False) -> int:
+        """The process exit code a CI box acts on (README: Exit codes). The
+        worst finding wins: a kvmsplit bug, then a failure, then a missing
+        witness, then a run that tested nothing."""
+        verdicts = {s.verdict for s in self.scenarios}
+        if self.internal_errors:
+            return EXIT_INTERNAL
+        if self.interrupted or verdicts & {FAIL, ERROR, MISS} or any(
+                s.verdict is SKIP and not s.reasons for s in self.scenarios):
+            return EXIT_FAILED
+        if Verdict.UNCONFIRMED in verdicts and not allow_unchecked:
+            return EXIT_UNCONFIRMED
+        if not any(s.verdict.tested for s in self.scenarios):
+            return EXIT_NOTHING_TESTED
+        return EXIT_OK
+
+    @property
     def ok(self) -> bool:
-        """Exit 0 only if everything passed or was skipped with a reason."""
-        return not self.interrupted and all(
-            s.verdict == PASS or (s.verdict == SKIP and s.reasons) for s in self.scenarios)
+        return self.exit_code() == EXIT_OK
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -40,6 +40,7 @@ class RunOptions:
     phase_timeout: float | None = None
     inject_eio: str | None = None       # make this ioctl fail with EIO (tests)
     inject_hang: str | None = None      # the guest hangs in this phase (tests)
+    inject_bug: str | None = None       # kvmsplit itself raises in this phase (tests: a bug can't be had on demand)
     on_phase: Callable[[str, str], None] | None = None
 
 
@@ -184,6 +185,8 @@ class ScenarioRun:
         self.cur_phase = name
         if self.opt.on_phase:
             self.opt.on_phase(self.s.name, name)
+        if self.opt.inject_bug == name:
+            raise RuntimeError(f"injected kvmsplit bug in phase {name}")
         before = self._vcpu_stats()
         k0 = self.kernel_s
         t = time.monotonic()

@@ -161,8 +161,8 @@ def validate(s: Scenario) -> None:
         raise ValueError(f"vcpus: must be 1..{GUEST_MAX_CPUS}, got {s.vcpus}")
     if not 1 <= s.memslots <= 256:
         raise ValueError(f"memslots: must be 1..256, got {s.memslots}")
-    if not 0 <= s.percent <= 100:
-        raise ValueError(f"percent: must be 0..100, got {s.percent}")
+    if not 1 <= s.percent <= 100:
+        raise ValueError(f"percent: must be 1..100, got {s.percent} (a pass that writes nothing tests nothing)")
     if not 1 <= s.passes <= 1000:
         raise ValueError(f"passes: must be 1..1000, got {s.passes}")
     if not 0 <= s.seed < 1 << 63:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmsplit.runs.checks import kernel_log_check
 from kvmsplit.runs.results import Check, CheckStatus, Verdict
 from kvmsplit.scenario.expectation import Expectation
 from kvmsplit.scenario.observations import Observations
@@ -46,7 +47,7 @@ def _fmt(stats: dict | None) -> str:
 def judge(obs: Observations, exp: Expectation) -> Judgement:
     observed, split = _split(obs, exp)
     checks = [_huge_before(obs, exp), split, _dirty_log(obs), _memory(obs), _recovery(obs, exp),
-              _kernel_log(obs), _alive(obs)]
+              kernel_log_check(obs.kernel_log), _alive(obs)]
     return _verdict(obs, checks, observed)
 
 
@@ -65,7 +66,10 @@ def _verdict(obs: Observations, checks: list[Check], observed: str | None) -> Ju
     skips = [c.summary for c in checks if c.status is S.SKIP]
     if skips:
         return Judgement(Verdict.SKIP, skips, checks, observed)
-    return Judgement(Verdict.PASS, [c.summary for c in checks if c.status is S.UNCHECKED], checks, observed)
+    unchecked = [c.summary for c in checks if c.status is S.UNCHECKED]
+    if unchecked:
+        return Judgement(Verdict.UNCONFIRMED, unchecked, checks, observed)
+    return Judgement(Verdict.PASS, [], checks, observed)
 
 
 def _huge_before(obs: Observations, exp: Expectation) -> Check:
@@ -103,6 +107,9 @@ def _dirty_log(obs: Observations) -> Check:
     if extra:
         return Check("dirty-log", S.FAIL, f"extra dirty pages: {extra} pages reported dirty that the "
                      "guest did not write", details)
+    if written == 0:
+        return Check("dirty-log", S.SKIP, f"the dirty passes wrote no page ({len(passes)} pass(es)): "
+                     "nothing to judge the log on", details)
     if init and init["pages_wrong"]:
         want = "all set" if init["expected_all_set"] else "none"
         return Check("dirty-log", S.FAIL, f"{init['pages_wrong']} pages wrong in the first "
@@ -135,22 +142,6 @@ def _recovery(obs: Observations, exp: Expectation) -> Check:
                      f"{_fmt(populate)})", {"recovery": rec})
     return Check("recovery", S.FAIL, f"huge pages not recovered: {_huge(rec)} of {huge0} huge mappings "
                  f"back after logging was disabled ({_fmt(rec)})", {"recovery": rec})
-
-
-def _kernel_log(obs: Observations) -> Check:
-    kl = obs.kernel_log
-    titles = [rep.get("title") for rep in kl.get("reports", [])]
-    tb, ta = kl.get("taint_before"), kl.get("taint_after")
-    if titles:
-        return Check("kernel-log", S.FAIL, "kernel report: " + "; ".join(map(str, titles)), {"titles": titles})
-    if tb is not None and ta is not None and ta != tb:
-        return Check("kernel-log", S.FAIL, f"kernel taint changed: '{kl.get('taint_before_letters', '')}' "
-                     f"-> '{kl.get('taint_after_letters', '')}' ({tb} -> {ta})")
-    if not kl.get("checked", False):
-        return Check("kernel-log", S.UNCHECKED, f"kernel log unchecked: {kl.get('note') or 'unreadable'}")
-    lost = kl.get("lost_records", 0)
-    return Check("kernel-log", S.PASS, "no new kernel reports, taint unchanged"
-                 + (f" ({lost} records lost to overrun)" if lost else ""))
 
 
 def _alive(obs: Observations) -> Check:

@@ -9,7 +9,8 @@ checks, then one verdict in the same terms as kvmsplit's own scenarios.
 """
 from __future__ import annotations
 
-from kvmsplit.runs.results import ERROR, FAIL, PASS, SKIP, Check, ScenarioResult
+from kvmsplit.runs.checks import kernel_log_check
+from kvmsplit.runs.results import ERROR, FAIL, PASS, SKIP, UNCONFIRMED, Check, ScenarioResult
 from kvmsplit.selftests import ktap
 from kvmsplit.selftests.ktap import KtapDoc
 from kvmsplit.selftests.parse import AssertionFailure, parse_assertion, parse_timings
@@ -85,22 +86,6 @@ def ktap_check(doc: KtapDoc | None, error: str | None) -> Check | None:
                  + (f", {skipped} skipped" if skipped else "") + f" of {len(doc.results)}")
 
 
-def kernel_log_check(kl: dict) -> Check:
-    """The same judgement as kvmsplit.verdict's kernel-log check."""
-    titles = [rep.get("title") for rep in kl.get("reports", [])]
-    tb, ta = kl.get("taint_before"), kl.get("taint_after")
-    if titles:
-        return Check("kernel-log", "fail", "kernel report: " + "; ".join(titles), {"titles": titles})
-    if tb is not None and ta is not None and ta != tb:
-        return Check("kernel-log", "fail", f"kernel taint changed: '{kl.get('taint_before_letters', '')}' "
-                     f"-> '{kl.get('taint_after_letters', '')}' ({tb} -> {ta})")
-    if not kl.get("checked", False):
-        return Check("kernel-log", "unchecked", f"kernel log unchecked: {kl.get('note') or 'unreadable'}")
-    lost = kl.get("lost_records", 0)
-    return Check("kernel-log", "pass", "no new kernel reports, taint unchanged"
-                 + (f" ({lost} records lost to overrun)" if lost else ""))
-
-
 def judge(res: ScenarioResult, proc: Completed, timeout: float, doc: KtapDoc | None,
           ktap_error: str | None, assertion: AssertionFailure | None) -> None:
     checks = [c for c in (exit_check(proc, timeout, doc, assertion), ktap_check(doc, ktap_error),
@@ -123,6 +108,8 @@ def judge(res: ScenarioResult, proc: Completed, timeout: float, doc: KtapDoc | N
         # the exit status says it best; `1..0 # SKIP` with exit 0 still skipped
         said = by["exit"] if by["exit"].status == "skip" else by["ktap"]
         res.verdict, res.reasons = SKIP, [said.summary] + notes
+    elif any(c.status == "unchecked" for c in checks):
+        res.verdict, res.reasons = UNCONFIRMED, notes
     else:
         res.verdict, res.reasons = PASS, notes
 
