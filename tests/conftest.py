@@ -76,11 +76,20 @@ def host_changes():
         yield hc
 
 
+@pytest.fixture(scope="session")
+def witness():
+    """The tracepoint witness, as `kvmsplit run` sets it up (tracefs found or mounted once)."""
+    from kvmsplit.scenario.witness import Witness
+    w = Witness.open()
+    yield w
+    w.close()
+
+
 @pytest.fixture
-def run_scenario(kvm, facts, guest_image, host_changes):
+def run_scenario(kvm, facts, guest_image, host_changes, witness):
     """run_scenario(Scenario, **RunOptions fields) -> ScenarioResult, for real."""
     from kvmsplit.scenario.engine import RunOptions, ScenarioRun
 
     def run(scenario, **opts):
-        return ScenarioRun(scenario, facts, guest_image, host_changes, kvm, RunOptions(**opts)).run()
+        return ScenarioRun(scenario, facts, guest_image, host_changes, kvm, RunOptions(**opts), witness).run()
     return run

@@ -100,3 +100,22 @@ def test_a_run_where_everything_skips_is_exit_4(tmp_path):
     r = kvmsplit(tmp_path, "run", "--scenario", f, "-o", tmp_path, "--no-host-changes")
     assert r.returncode == EXIT_NOTHING_TESTED, r.stderr
     assert json.loads((tmp_path / "results.json").read_text())["scenarios"][0]["verdict"] == "SKIP"
+
+
+@pytest.mark.kvm
+def test_without_tracefs_access_the_split_evidence_is_unconfirmed(tmp_path):
+    """Real: in a mount namespace of its own with every tracefs unmounted, and
+    without CAP_SYS_ADMIN to mount one, kvmsplit cannot trace; /dev/kvm works."""
+    need(shutil.which("unshare") is not None and shutil.which("setpriv") is not None, "util-linux missing")
+    f = scenario_file(tmp_path, '[[scenario]]\nname = "thp"\nbacking = "thp"\nguest_page = "2m"\n')
+    inner = (f"grep ' tracefs ' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 umount; "
+             f"exec setpriv --bounding-set -sys_admin --inh-caps -sys_admin {sys.executable} -m kvmsplit run "
+             f"--scenario {f} -o {tmp_path / 'out'}")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", inner],
+                       capture_output=True, text=True)
+    assert r.returncode == EXIT_UNCONFIRMED, r.stderr
+    s = json.loads((tmp_path / "out" / "results.json").read_text())["scenarios"][0]
+    assert s["verdict"] == "UNCONFIRMED"
+    assert s["reasons"][0].startswith("tracepoints unavailable (cannot mount tracefs at ")
+    assert "Operation not permitted" in s["reasons"][0]
+    assert all(p["trace"] is None for p in s["phases"])

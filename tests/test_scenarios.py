@@ -21,7 +21,7 @@ def assert_clean(res, split):
     assert res.verdict == PASS, res.reasons
     want = split if split != "eager" else f"eager@{res.expectation['when']}"
     assert res.observed_split == want
-    for name in ("huge-before", "split", "dirty-log", "memory", "recovery", "alive"):
+    for name in ("huge-before", "split", "dirty-log", "memory", "recovery", "alive", "witness", "stats"):
         assert res.check(name).status == "pass", (name, res.check(name).summary)
 
 

@@ -21,6 +21,13 @@ def _param(p: ModuleParam | None) -> str:
     return f"{v} ({'writable' if p.writable else 'read-only'})"
 
 
+def _tracing(t: dict) -> str:
+    if not t.get("available"):
+        return f"NOT available: {t.get('reason') or 'unknown'}"
+    where = t.get("mounted") or "mounted per run"
+    return f"{', '.join(t.get('events') or [])} ({where})"
+
+
 def format_probe(f: HostFacts) -> str:
     rows = [
         ("kernel", f.kernel_release),
@@ -38,6 +45,7 @@ def format_probe(f: HostFacts) -> str:
           for kb, p in f.hugetlb.items()],
         ("memory", f"{(f.mem_total or 0) / 2**30:.1f} GiB total, {(f.mem_available or 0) / 2**30:.1f} GiB available"),
         ("kernel log", "readable" if f.kernel_log_readable else "NOT readable"),
+        ("tracepoints", _tracing(f.tracing)),
         ("taint", f"{f.taint} ({f.to_dict()['taint']['letters'] or 'none'})"),
     ]
     w = max(len(k) for k, _ in rows)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kvmsplit import tracing
 from kvmsplit.kernellog.taint import decode_taint, read_taint
 from kvmsplit.vmm.kvm import Kvm, KvmUnavailable, uapi
 
@@ -198,6 +199,7 @@ class HostFacts:
     hugetlb: dict[int, HugetlbPool] = field(default_factory=dict)
     kernel_log_readable: bool = False
     taint: int = 0
+    tracing: dict[str, Any] = field(default_factory=dict)   # tracing.probe(): the tracepoint witness
 
     def param(self, name: str) -> bool | int | str | None:
         """A kvm module parameter's value; None when this kernel lacks it."""
@@ -234,6 +236,7 @@ class HostFacts:
             "kernel_log_readable": self.kernel_log_readable,
             "taint": {"value": self.taint, "letters": decode_taint(self.taint)},
             "hostname": self.hostname,
+            "tracing": dict(self.tracing),
         }
 
 
@@ -259,7 +262,8 @@ def probe(kvm: Kvm | None = None) -> HostFacts:
         api_version=api, capabilities=caps, guest_features=feats,
         params={name: module_param("kvm", name) for name in KVM_PARAMS},
         mem_total=mem["total"], mem_available=mem["available"], thp=thp_mode(),
-        hugetlb=hugetlb_pools(), kernel_log_readable=kernel_log_readable(), taint=_taint())
+        hugetlb=hugetlb_pools(), kernel_log_readable=kernel_log_readable(), taint=_taint(),
+        tracing=tracing.probe())
 
 
 def _taint() -> int:

@@ -101,6 +101,11 @@ def page_size_plot(sr: ScenarioResult) -> str | None:
                 out.append(f'<rect x="{x}" y="{y(base + v):.1f}" width="{slot - 16}" '
                            f'height="{y(base) - y(base + v):.1f}" fill="{color}"><title>{escape(tip)}</title></rect>')
             base += v
+        events = _trace_label(p.trace)
+        if events:      # the second witness, on the same timeline: what the tracepoints saw in the phase
+            out.append(f'<text x="{x + (slot - 16) / 2}" y="{y(base) - 4:.1f}" font-size="10" '
+                       f'text-anchor="middle" fill="#24292f">{escape(events)}<title>{escape(p.name)}: '
+                       f'{escape(json.dumps(p.trace))}</title></text>')
         lx, ly = x + (slot - 16) / 2, 20 + plot_h + 12
         out.append(f'<text x="{lx}" y="{ly}" font-size="11" text-anchor="end" '
                    f'transform="rotate(-35 {lx} {ly})">{escape(p.name)}</text>')
@@ -109,6 +114,18 @@ def page_size_plot(sr: ScenarioResult) -> str | None:
                    f'<text x="{left + j * 60 + 16}" y="12" font-size="11">{label}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _trace_label(trace: dict | None) -> str:
+    """A phase's tracepoint counts in a few characters: s=splits, t=new 4K shadow tables, h=huge mapped."""
+    if not trace:
+        return ""
+    splits = sum(int(v) for v in trace.get("splits_by_level", {}).values())
+    huge = sum(int(v) for v in trace.get("huge_mapped_by_level", {}).values())
+    parts = [f"s{splits}"] if splits else []
+    parts += [f"t{trace['new_direct_l1']}"] if trace.get("new_direct_l1") else []
+    parts += [f"h{huge}"] if huge else []
+    return " ".join(parts)
 
 
 def phase_time_plot(sr: ScenarioResult) -> str | None:
@@ -181,7 +198,9 @@ def _scenario(sr: ScenarioResult, source: str) -> str:
         out.append("<ul>" + "".join(f"<li>{escape(r)}</li>" for r in sr.reasons) + "</ul>")
     if failed(sr):
         out.append(f'<p>rerun: <code class="rerun">{escape(rerun_command(source, sr.name))}</code></p>')
-    plots = [(page_size_plot(sr), "guest memory mapped, by page size, at the end of each phase"),
+    plots = [(page_size_plot(sr), "guest memory mapped, by page size, at the end of each phase; above each "
+                                  "bar the kvmmmu tracepoints of the phase (s: huge-page splits, t: new 4K "
+                                  "shadow tables, h: huge mappings installed)"),
              (phase_time_plot(sr), "phase times (seconds)")]
     figs = [f"<figure>{svg}<figcaption>{cap}</figcaption></figure>" for svg, cap in plots if svg]
     if figs:

@@ -72,6 +72,8 @@ class Phase:
     kernel_s: float = 0.0     # of which waiting on the guest or inside KVM ioctls
     vm_stats: dict = field(default_factory=dict)      # snapshot at the end of the phase
     vcpu_delta: dict = field(default_factory=dict)    # pf_taken, exits, ... during the phase
+    trace: dict | None = None     # the kvmmmu tracepoints' PhaseTrace, None where tracefs was unavailable
+    kvm_run_s: float = 0.0        # time inside KVM_RUN during the phase, summed over vCPUs
 
 
 @dataclass

@@ -8,6 +8,7 @@ from kvmsplit.host.facts import HostFacts
 from kvmsplit.runs.results import RunResult, ScenarioResult
 from kvmsplit.scenario.engine import RunOptions, ScenarioRun
 from kvmsplit.scenario.model import Scenario
+from kvmsplit.scenario.witness import Witness
 from kvmsplit.vmm.guest.build import guest_image
 from kvmsplit.vmm.kvm import Kvm
 
@@ -21,14 +22,17 @@ class ScenarioBackend:
         self.options = options or RunOptions()
         self.image = image or guest_image()
         self.kvm = Kvm()
+        self.witness = Witness.open(self.options.trace)
 
     def plan(self) -> list[tuple[str, dict]]:
         return [(s.name, s.to_dict()) for s in self.scenarios]
 
     def run_one(self, index: int, host: HostChanges, rr: RunResult) -> ScenarioResult:
-        run = ScenarioRun(self.scenarios[index], self.facts, self.image, host, self.kvm, self.options)
+        run = ScenarioRun(self.scenarios[index], self.facts, self.image, host, self.kvm, self.options,
+                          self.witness)
         rr.scenarios[index] = run.res      # so an interrupt records the phase
         return run.run()
 
     def close(self) -> None:
+        self.witness.close()
         self.kvm.close()

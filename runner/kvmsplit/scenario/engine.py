@@ -21,6 +21,8 @@ from kvmsplit.scenario.expectation import expect
 from kvmsplit.scenario.model import DirtyMode, Scenario
 from kvmsplit.scenario.observations import Observations
 from kvmsplit.scenario.verdict import HUGE_SIZES, Judgement, judge
+from kvmsplit.scenario.witness import Witness
+from kvmsplit.tracing import TraceSession
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.kvm import FaultInjector, KvmIoctlError, VmBugged, uapi
 from kvmsplit.vmm.machine import GuestError, GuestTimeout, Machine
@@ -42,17 +44,21 @@ class RunOptions:
     inject_hang: str | None = None      # the guest hangs in this phase (tests)
     inject_bug: str | None = None       # kvmsplit itself raises in this phase (tests: a bug can't be had on demand)
     on_phase: Callable[[str, str], None] | None = None
+    trace: bool = True                  # the tracepoint witness (--no-trace turns it off: UNCONFIRMED)
 
 
 class ScenarioRun:
     def __init__(self, scenario: Scenario, facts: HostFacts, image, host: HostChanges,
-                 kvm, options: RunOptions | None = None):
+                 kvm, options: RunOptions | None = None, witness: Witness | None = None):
         self.s = scenario
         self.facts = facts
         self.image = image
         self.host = host
         self.kvm = kvm
         self.opt = options or RunOptions()
+        self.witness = witness
+        self.trace: TraceSession | None = None
+        self.trace_unavailable: str | None = None
         self.res = ScenarioResult(name=scenario.name, scenario=scenario.to_dict())
         self.exp = expect(scenario, facts, self.opt.expect)
         self.res.expectation = self.exp.to_dict()
@@ -67,6 +73,7 @@ class ScenarioRun:
         self.error: str | None = None
         self.kernel_s = 0.0
         self.host_huge_bytes: int | None = None
+        self.sys_mem = 0
         self.pass1_regions: dict[str, int] = {}    # huge regions dirty pass 1 wrote: the lazy prediction
 
     # -- entry point -------------------------------------------------------------------
@@ -81,6 +88,7 @@ class ScenarioRun:
             return r
         guard = KernelLogGuard(accept_user=self.opt.accept_user_log)
         guard.start()
+        self._open_trace()
         try:
             self._setup()
             self._phases()
@@ -99,12 +107,19 @@ class ScenarioRun:
             r.reasons = [f"interrupted in phase {self.cur_phase}"]
             raise
         finally:
-            self._teardown()
+            self._teardown()      # before the guard stops: a WARNING at VM teardown counts
+            if self.trace is not None:
+                self.trace.close()
             r.kernel_log = guard.stop().to_dict()
             r.duration_s = time.monotonic() - t0
         r.dirty = {"passes": self.dirty_passes, "initially_set": self.initially_set}
         self._apply(judge(self.observations(), self.exp))
         return r
+
+    def _open_trace(self) -> None:
+        self.trace = self.witness.session() if self.witness else None
+        if self.trace is None:
+            self.trace_unavailable = self.witness.unavailable if self.witness else "no trace witness was set up"
 
     def observations(self) -> Observations:
         """Everything the verdict needs, frozen."""
@@ -114,7 +129,8 @@ class ScenarioRun:
             initially_set=self.initially_set, memory_mismatch=tuple(self.memory_mismatch),
             verify=self.verify, vm_bugged=self.vm_bugged, error=self.error,
             host_huge_bytes=self.host_huge_bytes, pass1_regions=self.pass1_regions,
-            kernel_log=self.res.kernel_log)
+            kernel_log=self.res.kernel_log, trace_unavailable=self.trace_unavailable,
+            memory_bytes=self.s.size + self.sys_mem)
 
     def _apply(self, j: Judgement) -> None:
         r = self.res
@@ -143,8 +159,8 @@ class ScenarioRun:
         s = self.s
         fault = FaultInjector(self.opt.inject_eio) if self.opt.inject_eio else None
         # page tables for the test region live in system memory: 2M per GiB at 4K pages
-        sys_mem = (8 << 20) + (((s.size >> 30) + 1) << 21 if s.guest_page == "4k" else 0)
-        self.m = Machine(self.kvm, nr_vcpus=s.vcpus, sys_mem=sys_mem,
+        self.sys_mem = (8 << 20) + (((s.size >> 30) + 1) << 21 if s.guest_page == "4k" else 0)
+        self.m = Machine(self.kvm, nr_vcpus=s.vcpus, sys_mem=self.sys_mem,
                          dirty_ring_bytes=s.ring_size if s.dirty_mode.ring else 0,
                          ring_acq_rel=s.dirty_mode is DirtyMode.RING_ACQ_REL,
                          manual_protect=s.dirty_mode.manual,
@@ -188,13 +204,18 @@ class ScenarioRun:
         if self.opt.inject_bug == name:
             raise RuntimeError(f"injected kvmsplit bug in phase {name}")
         before = self._vcpu_stats()
-        k0 = self.kernel_s
+        k0, r0 = self.kernel_s, self._kvm_run_s()
         t = time.monotonic()
         yield
         dur = time.monotonic() - t
         after = self._vcpu_stats()
+        trace = self.trace.take().to_dict() if self.trace is not None else None
         self.res.phases.append(Phase(name, dur, self.kernel_s - k0, self._vm_stats(),
-                                     {k: after[k] - before[k] for k in after}))
+                                     {k: after[k] - before[k] for k in after}, trace,
+                                     self._kvm_run_s() - r0))
+
+    def _kvm_run_s(self) -> float:
+        return self.m.kvm_run_seconds() if self.m is not None else 0.0
 
     @contextmanager
     def in_kernel(self):

@@ -27,6 +27,11 @@ class Observations:
     # huge regions (2M and 1G) that dirty pass 1 wrote: what a lazy split must split
     pass1_regions: dict[str, int] = field(default_factory=dict)
     kernel_log: dict = field(default_factory=dict)
+    trace_unavailable: str | None = None        # why the tracepoint witness is missing, if it is
+    memory_bytes: int = 0                       # all the VM's memslots: no page count may map more
+
+    def trace(self, phase: str) -> dict | None:
+        return next((p.trace for p in self.phases if p.name == phase), None)
 
     def stats(self, phase: str) -> dict | None:
         """The VM stats snapshot at the end of `phase`, if it completed."""

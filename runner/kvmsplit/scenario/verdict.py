@@ -8,6 +8,10 @@ numbers, then one verdict. A pure function: no VM, no host.
   recovery     huge mappings came back after logging was disabled
   kernel-log   no new kernel report, taint unchanged
   alive        no EIO from KVM, and a final guest pass agrees with the host
+  witness      the kernel's tracepoints agree with the stats, phase by phase
+               (splits and huge mappings counted twice, by two witnesses)
+  stats        the page counters are plausible on their own (none negative,
+               none mapping more memory than the VM has)
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def _fmt(stats: dict | None) -> str:
 def judge(obs: Observations, exp: Expectation) -> Judgement:
     observed, split = _split(obs, exp)
     checks = [_huge_before(obs, exp), split, _dirty_log(obs), _memory(obs), _recovery(obs, exp),
-              kernel_log_check(obs.kernel_log), _alive(obs)]
+              kernel_log_check(obs.kernel_log), _alive(obs), witness_check(obs, exp), _stats(obs)]
     return _verdict(obs, checks, observed)
 
 
@@ -227,3 +231,112 @@ def _untouched_huge(obs: Observations, populate: dict) -> int | None:
         if n and not other and n == obs.size // size and key in obs.pass1_regions:
             return n - obs.pass1_regions[key]
     return None
+
+
+# -- the second witness ------------------------------------------------------------------
+PAGE_KEYS = (("pages_4k", 4 << 10), ("pages_2m", MB2), ("pages_1g", GB))
+NEGATIVE = 1 << 63       # a u64 counter this large went below zero
+SPLIT_PHASES = ("enable", "first-clear", "dirty-1")
+
+
+def _stats(obs: Observations) -> Check:
+    """The kernel's own bookkeeping, checked for sense before it is believed."""
+    for ph in obs.phases:
+        st = ph.vm_stats or {}
+        for key, _ in PAGE_KEYS:
+            if st.get(key, 0) >= NEGATIVE:
+                return Check("stats", S.FAIL, f"{key} reads {st[key]} after {ph.name}: the kernel's count "
+                             f"went below zero ({st[key] - (1 << 64)})", {"phase": ph.name, key: st[key]})
+        mapped = sum(st.get(key, 0) * size for key, size in PAGE_KEYS)
+        if obs.memory_bytes and mapped > obs.memory_bytes:
+            return Check("stats", S.FAIL, f"the page counts after {ph.name} map {mapped >> 20} MiB, more than "
+                         f"the {obs.memory_bytes >> 20} MiB the VM has ({_fmt(st)})",
+                         {"phase": ph.name, "mapped_bytes": mapped, "memory_bytes": obs.memory_bytes})
+    return Check("stats", S.PASS, "page counters plausible in every phase")
+
+
+def _previous(obs: Observations, phase: str) -> dict | None:
+    names = [p.name for p in obs.phases]
+    i = names.index(phase)
+    return obs.phases[i - 1].vm_stats if i else None
+
+
+def _level(d: dict, key: str, level: int) -> int:
+    return int(d.get(key, {}).get(str(level), 0))
+
+
+def _compare_phase(obs: Observations, phase: str, eager: bool) -> list[str]:
+    """Where the stats and the tracepoints disagree about one phase, in words."""
+    tr, before, after = obs.trace(phase), _previous(obs, phase), obs.stats(phase)
+    if tr is None or before is None or after is None:
+        return []
+    split_1g = _level(tr, "splits_by_level", 3)
+    split_2m = max(tr.get("regions_dismantled", 0) - split_1g, 0)     # 2M regions: splits + shadow l1 pages
+    d1g = after.get("pages_1g", 0) - before.get("pages_1g", 0)
+    d2m = after.get("pages_2m", 0) - before.get("pages_2m", 0)
+    d4k = after.get("pages_4k", 0) - before.get("pages_4k", 0)
+    out = []
+    if d1g != -split_1g:
+        out.append(f"{phase}: stats say {-d1g} fewer 1G mappings, tracepoints show {split_1g} 1G splits")
+    if d2m != 512 * split_1g - split_2m:
+        out.append(f"{phase}: stats say {-d2m} fewer 2M mappings, tracepoints show {split_2m} 2M regions "
+                   f"split" + (f" and {split_1g} 1G splits (+512 2M each)" if split_1g else ""))
+    if eager and split_2m and d4k != 512 * split_2m:
+        out.append(f"{phase}: {split_2m} 2M splits should add {512 * split_2m} 4K mappings; stats say {d4k}")
+    return out
+
+
+def _installed(obs: Observations, phase: str, since: str) -> list[str]:
+    """Huge mappings the stats count after `phase` must have been installed (set_spte at level > 1)."""
+    tr, before, after = obs.trace(phase), obs.stats(since), obs.stats(phase)
+    if tr is None or after is None:
+        return []
+    made = sum(int(v) for v in tr.get("huge_mapped_by_level", {}).values())
+    grown = _huge(after) - _huge(before)
+    if grown > made:
+        return [f"{phase}: stats say {grown} new huge mappings, tracepoints show {made} installed"]
+    return []
+
+
+def witness_check(obs: Observations, exp: Expectation) -> Check:
+    if obs.trace_unavailable:
+        return Check("witness", S.UNCHECKED, f"tracepoints unavailable ({obs.trace_unavailable}): the "
+                     "split evidence rests on the stats alone")
+    traces = {p.name: p.trace for p in obs.phases if p.trace is not None}
+    if not traces:
+        return Check("witness", S.SKIP, "not reached")
+    lost = {n: tr["lost"] for n, tr in traces.items() if tr.get("lost")}
+    errors = [(n, g, e) for n, tr in traces.items() for g, e in tr.get("split_errnos", [])]
+    if errors:
+        n, g, e = errors[0]
+        return Check("witness", S.FAIL, f"kvm_mmu_split_huge_page failed: errno {e} for gfn {g:#x} in {n}"
+                     + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+                     {"split_errnos": errors[:16]})
+    eager = exp.split == "eager"
+    problems = [msg for ph in SPLIT_PHASES if ph in traces for msg in _compare_phase(obs, ph, eager)]
+    problems += _installed(obs, "populate", "boot") + _installed(obs, "recovery", "disable")
+    details = {"phases": {n: {k: tr.get(k) for k in ("splits_by_level", "regions_dismantled", "new_direct_l1",
+                                                     "huge_mapped_by_level", "lost")}
+                          for n, tr in traces.items()}}
+    if problems:
+        return Check("witness", S.FAIL, "the witnesses disagree: " + "; ".join(problems), details)
+    if lost:
+        return Check("witness", S.UNCHECKED, f"trace events lost in {', '.join(f'{n} ({c})' for n, c in lost.items())}"
+                     ": the tracepoint witness is incomplete", details)
+    return Check("witness", S.PASS, f"tracepoints agree with the stats: {_witness_summary(traces)}", details)
+
+
+def _witness_summary(traces: dict) -> str:
+    parts = []
+    for n in ("populate", *SPLIT_PHASES, "recovery"):
+        tr = traces.get(n)
+        if not tr:
+            continue
+        splits = sum(int(v) for v in tr.get("splits_by_level", {}).values())
+        huge = sum(int(v) for v in tr.get("huge_mapped_by_level", {}).values())
+        bits = [f"{splits} splits"] if splits else []
+        bits += [f"{tr['new_direct_l1']} new 4K shadow tables"] if tr.get("new_direct_l1") else []
+        bits += [f"{huge} huge mapped"] if huge else []
+        if bits:
+            parts.append(f"{n} {', '.join(bits)}")
+    return "; ".join(parts) or "no split or huge-mapping events"

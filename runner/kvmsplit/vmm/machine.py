@@ -78,6 +78,15 @@ class _VcpuState:
     pending: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     thread: threading.Thread | None = None
+    # Time inside KVM_RUN: (seconds of the runs that returned, start of the run
+    # in flight or None). Replaced whole, only by this vCPU's thread, so another
+    # thread always reads a consistent pair. Exit handling (the UART, the
+    # LSR-poll wait on the inbox) runs between runs and is not in it.
+    kvm_run: tuple[float, float | None] = (0.0, None)
+
+    def kvm_run_seconds(self) -> float:
+        done, since = self.kvm_run
+        return done + (time.monotonic() - since if since is not None else 0.0)
 
 
 def _install_kick_handler() -> None:
@@ -188,6 +197,21 @@ class Machine:
             elif tag == "dead":
                 raise GuestError(ev[2])
 
+    # -- time inside KVM_RUN ----------------------------------------------------------
+    def kvm_run_seconds_by_cpu(self) -> list[float]:
+        """Per vCPU, the wall time its thread spent inside KVM_RUN (the guest
+        running, or KVM working for it), a run in flight included. Not in it:
+        the vCPU thread's exit handling in Python, including the up-to-50 ms
+        waits for controller input in the UART LSR handler. Measured around
+        Vcpu.run(), so the few microseconds that decode an exit count too, and
+        so does the thread's wait for the GIL once KVM_RUN has returned, while
+        another thread (the controller) runs Python code."""
+        return [st.kvm_run_seconds() for st in self.cpus]
+
+    def kvm_run_seconds(self) -> float:
+        """kvm_run_seconds_by_cpu(), summed over vCPUs."""
+        return sum(self.kvm_run_seconds_by_cpu())
+
     # -- vCPU threads ---------------------------------------------------------------
     def _event(self, tag: str, vcpu_id: int, payload: Any) -> None:
         self.events.put((tag, vcpu_id, payload))
@@ -196,10 +220,15 @@ class Machine:
         v = st.vcpu
         try:
             while not self._stop.is_set():
+                done = st.kvm_run[0]
+                t0 = time.monotonic()
+                st.kvm_run = (done, t0)
                 try:
                     ex = v.run()
                 except InterruptedError:
                     continue        # a kick: look at the stop flag
+                finally:
+                    st.kvm_run = (done + time.monotonic() - t0, None)
                 why = self._handle_exit(st, ex)
                 if why:
                     self._event("dead", v.id, why)
