@@ -127,8 +127,97 @@ ISR 16,0; ISR 17,1; ISR 18,0; ISR 19,0; ISR 20,0; ISR 21,1
 
 isr_common:
 	mov	%rsp, %rdi                   /* struct trapframe * */
-	call	trap
-	ud2
+	call	trap                         /* returns only to a *msr_safe() fixup */
+	add	$16, %rsp                    /* vec, err */
+	iretq
+
+/*
+ * The NESTED_VEC gate (DPL3): N at CPL3 lands here at CPL0 on the kernel
+ * stack. l1_enter(rdi = l2_shift) returns rax = the ERR text only if nested
+ * mode is unavailable; on success it never returns and the cpu stays at CPL0.
+ */
+	.globl nested_gate
+nested_gate:
+	sub	$8, %rsp                     /* the 5-qword frame leaves rsp 8 off the ABI's alignment */
+	call	l1_enter
+	add	$8, %rsp
+	iretq
+
+/* rdmsr_safe(msr, *val) / wrmsr_safe(msr, val) -> 0, or 1 if the access
+   faulted (trap() resumes at msr_fault): probing SVM must not kill the guest. */
+	.globl rdmsr_safe
+rdmsr_safe:
+	lea	msr_fault(%rip), %rax
+	mov	%rax, fixup_rip(%rip)
+	mov	%edi, %ecx
+	rdmsr
+	shl	$32, %rdx
+	or	%rdx, %rax
+	mov	%rax, (%rsi)
+	xor	%eax, %eax
+	movq	$0, fixup_rip(%rip)
+	ret
+	.globl wrmsr_safe
+wrmsr_safe:
+	lea	msr_fault(%rip), %rax
+	mov	%rax, fixup_rip(%rip)
+	mov	%edi, %ecx
+	mov	%rsi, %rax
+	mov	%rsi, %rdx
+	shr	$32, %rdx
+	wrmsr
+	xor	%eax, %eax
+	movq	$0, fixup_rip(%rip)
+	ret
+msr_fault:
+	movq	$0, fixup_rip(%rip)
+	mov	$1, %eax
+	ret
+
+/*
+ * svm_run(vmcb_pa): run L2 until its next #VMEXIT. VMRUN switches only rax,
+ * rsp, rip and rflags (they live in the VMCB), so L2's other GPRs are kept
+ * in l2_gprs and swapped with ours around it, as the KVM selftests'
+ * run_guest() does. No VMLOAD/VMSAVE: L2 never uses FS/GS/TR or the syscall
+ * MSRs. GIF is clear after #VMEXIT; STGI puts it back for L1.
+ */
+.macro SWAP_GPRS
+	xchg	%rbx, l2_gprs+0x00(%rip)
+	xchg	%rcx, l2_gprs+0x08(%rip)
+	xchg	%rdx, l2_gprs+0x10(%rip)
+	xchg	%rsi, l2_gprs+0x18(%rip)
+	xchg	%rdi, l2_gprs+0x20(%rip)
+	xchg	%rbp, l2_gprs+0x28(%rip)
+	xchg	%r8,  l2_gprs+0x30(%rip)
+	xchg	%r9,  l2_gprs+0x38(%rip)
+	xchg	%r10, l2_gprs+0x40(%rip)
+	xchg	%r11, l2_gprs+0x48(%rip)
+	xchg	%r12, l2_gprs+0x50(%rip)
+	xchg	%r13, l2_gprs+0x58(%rip)
+	xchg	%r14, l2_gprs+0x60(%rip)
+	xchg	%r15, l2_gprs+0x68(%rip)
+.endm
+	.globl svm_run
+svm_run:
+	push	%rbx
+	push	%rbp
+	push	%r12
+	push	%r13
+	push	%r14
+	push	%r15
+	mov	%rdi, %rax
+	clgi
+	SWAP_GPRS
+	vmrun	%rax
+	SWAP_GPRS
+	stgi
+	pop	%r15
+	pop	%r14
+	pop	%r13
+	pop	%r12
+	pop	%rbp
+	pop	%rbx
+	ret
 
 	.section .note.GNU-stack, "", @progbits
 
@@ -159,3 +248,4 @@ boot_pdpt: .fill 512, 8, 0
 boot_pd:   .fill 512, 8, 0
 	.globl kstacks
 kstacks:   .fill MAX_CPUS << KSTACK_SHIFT, 1, 0
+l2_gprs:   .fill 14, 8, 0

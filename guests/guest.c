@@ -6,20 +6,10 @@
  * CPL3 runs natively under shadow paging, so only CPL3 accesses exercise real
  * KVM page faults. Only set-up (page tables, descriptor tables) runs at CPL0.
  * Built freestanding with -mgeneral-regs-only: no SSE, nothing the emulator
- * might not know.
+ * might not know. Nested mode (N, svm.c) is the exception: the BSP goes back
+ * to CPL0 for good, to be an SVM L1 whose L2 runs the passes.
  */
-#include "protocol.h"
-
-typedef unsigned long u64;
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-
-#define PTE_P 1UL
-#define PTE_W 2UL
-#define PTE_U 4UL
-#define PTE_PS 0x80UL
-#define PTE_FLAGS (PTE_P | PTE_W | PTE_U)
+#include "guest.h"
 
 extern u64 boot_pml4[512];
 extern u64 gdt_tss[];
@@ -49,9 +39,10 @@ struct trapframe {
 };
 
 static struct tss tss[MAX_CPUS];
-static struct idt_entry idt[32];
+static struct idt_entry idt[NESTED_VEC + 1];
 static char ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
-static u64 pt_next, pt_end;     /* page-table page allocator (BSP, CPL0) */
+u64 pt_next;                     /* page-table page allocator (BSP, CPL0) */
+static u64 pt_end;
 
 /* ---- port I/O and the UART ---------------------------------------------- */
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
@@ -71,15 +62,13 @@ static int getc_uart(void)
 	return inb(COM1);
 }
 
-static void guest_exit(u8 code)
+void guest_exit(u8 code)
 {
 	for (;;)
 		outb(EXIT_PORT, code);
 }
 
-struct line { char buf[160]; u64 n; };
-
-static void l_str(struct line *l, const char *s) { while (*s && l->n < sizeof(l->buf) - 1) l->buf[l->n++] = *s++; }
+void l_str(struct line *l, const char *s) { while (*s && l->n < sizeof(l->buf) - 1) l->buf[l->n++] = *s++; }
 static void l_hexraw(struct line *l, u64 v)
 {
 	char t[17]; int i = 16;
@@ -87,11 +76,11 @@ static void l_hexraw(struct line *l, u64 v)
 	do { t[--i] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v);
 	l_str(l, t + i);
 }
-static void l_hex(struct line *l, u64 v) { l_str(l, " "); l_hexraw(l, v); }
-static void l_start(struct line *l, u64 cpu, const char *what) { l->n = 0; l_str(l, "@"); l_hexraw(l, cpu); l_str(l, " "); l_str(l, what); }
-static void l_send(struct line *l) { l->buf[l->n++] = '\n'; put_bytes(l->buf, l->n); }
+void l_hex(struct line *l, u64 v) { l_str(l, " "); l_hexraw(l, v); }
+void l_start(struct line *l, u64 cpu, const char *what) { l->n = 0; l_str(l, "@"); l_hexraw(l, cpu); l_str(l, " "); l_str(l, what); }
+void l_send(struct line *l) { l->buf[l->n++] = '\n'; put_bytes(l->buf, l->n); }
 
-static u64 read_line(char *buf, u64 size)
+u64 read_line(char *buf, u64 size)
 {
 	u64 n = 0;
 	for (;;) {
@@ -109,7 +98,7 @@ static u64 read_line(char *buf, u64 size)
 }
 
 /* Parse up to `max` hex fields after the command letter. */
-static int parse_hex(const char *s, u64 *out, int max)
+int parse_hex(const char *s, u64 *out, int max)
 {
 	int n = 0;
 	while (*s && n < max) {
@@ -144,6 +133,7 @@ static void set_idt(int vec, void (*fn)(void))
 ISR_DECL(0) ISR_DECL(1) ISR_DECL(2) ISR_DECL(3) ISR_DECL(4) ISR_DECL(5) ISR_DECL(6) ISR_DECL(7)
 ISR_DECL(8) ISR_DECL(9) ISR_DECL(10) ISR_DECL(11) ISR_DECL(12) ISR_DECL(13) ISR_DECL(14) ISR_DECL(15)
 ISR_DECL(16) ISR_DECL(17) ISR_DECL(18) ISR_DECL(19) ISR_DECL(20) ISR_DECL(21)
+extern void nested_gate(void);
 static void (*const isrs[22])(void) = {
 	isr0, isr1, isr2, isr3, isr4, isr5, isr6, isr7, isr8, isr9, isr10,
 	isr11, isr12, isr13, isr14, isr15, isr16, isr17, isr18, isr19, isr20, isr21,
@@ -162,28 +152,40 @@ static void cpu_tables(u32 cpu)
 	tss[cpu].iomap[sizeof(tss[cpu].iomap) - 1] = 0xff;
 	d[0] = (sizeof(struct tss) - 1) | ((base & 0xffffff) << 16) | (0x89UL << 40) | ((base >> 24 & 0xff) << 56);
 	d[1] = base >> 32;
-	if (cpu == 0)
+	if (cpu == 0) {
 		for (int i = 0; i < 22; i++)
 			set_idt(i, isrs[i]);
+		/* N's way back to CPL0 (SVM instructions need it): a DPL3 gate */
+		set_idt(NESTED_VEC, nested_gate);
+		idt[NESTED_VEC].type = 0xee;
+	}
 	__asm__ volatile("lidt %0" :: "m"(idtr));
 	__asm__ volatile("ltr %w0" :: "r"(0x30 + 16 * cpu));
 }
 
-static u64 *pt_alloc(void)
+/* A page-table page; `full`: the caller writes all 512 entries. Other
+ * pages are zeroed: kvmsplit's loader hands us zeroed memory, but QEMU's
+ * multiboot loader leaves its info and command line right after the image,
+ * where this allocator starts. Leaf tables skip it (CPL0 stores are slow on PVM). */
+static u64 *pt_alloc_page(int full)
 {
 	if (pt_next + 4096 > pt_end)
 		return 0;
 	u64 *p = (u64 *)pt_next;
 	pt_next += 4096;
-	/* fresh pages are zero: the host hands us zeroed memory and we never reuse */
+	if (!full)
+		for (int i = 0; i < 512; i++)
+			p[i] = 0;
 	return p;
 }
 
+u64 *pt_alloc(void) { return pt_alloc_page(0); }
+
 /* Get (allocating) the table that entry `e` points to. */
-static u64 *pt_next_level(u64 *e)
+static u64 *pt_next_level(u64 *e, int full)
 {
 	if (!(*e & PTE_P)) {
-		u64 *t = pt_alloc();
+		u64 *t = pt_alloc_page(full);
 		if (!t)
 			return 0;
 		*e = (u64)t | PTE_FLAGS;
@@ -191,14 +193,16 @@ static u64 *pt_next_level(u64 *e)
 	return (u64 *)(*e & ~0xfffUL);
 }
 
-/* Identity-map [gpa, gpa+size) with pages of 1 << shift. Returns 0 or -1. */
-static int map_region(u64 gpa, u64 size, u32 shift)
+/* Identity-map [gpa, gpa+size) with pages of 1 << shift under `root`: our
+ * own page tables or, in nested mode, L2's NPT (same entry format; NPT walks
+ * count as user accesses, hence U=1). Returns 0 or -1. */
+int map_region(u64 *root, u64 gpa, u64 size, u32 shift)
 {
 	u64 step = 1UL << shift;
 	if ((shift != 12 && shift != 21 && shift != 30) || (gpa | size) & (step - 1))
 		return -1;
 	for (u64 va = gpa; va < gpa + size;) {
-		u64 *pdpt = pt_next_level(&boot_pml4[va >> 39 & 511]);
+		u64 *pdpt = pt_next_level(&root[va >> 39 & 511], 0);
 		if (!pdpt)
 			return -1;
 		u64 *pdpte = &pdpt[va >> 30 & 511];
@@ -207,7 +211,7 @@ static int map_region(u64 gpa, u64 size, u32 shift)
 			va += step;
 			continue;
 		}
-		u64 *pd = pt_next_level(pdpte);
+		u64 *pd = pt_next_level(pdpte, 0);
 		if (!pd)
 			return -1;
 		u64 *pde = &pd[va >> 21 & 511];
@@ -216,7 +220,7 @@ static int map_region(u64 gpa, u64 size, u32 shift)
 			va += step;
 			continue;
 		}
-		u64 *pt = pt_next_level(pde);
+		u64 *pt = pt_next_level(pde, 1);
 		if (!pt)
 			return -1;
 		/* a whole page table in one tight loop: this is emulated on PVM */
@@ -229,7 +233,7 @@ static int map_region(u64 gpa, u64 size, u32 shift)
 }
 
 /* ---- CPL3: the workload --------------------------------------------------------- */
-static u64 region_base, region_pages;
+u64 region_base, region_pages;
 
 static inline u64 mix64(u64 z)      /* splitmix64's finaliser; ucall.py has the same */
 {
@@ -239,7 +243,7 @@ static inline u64 mix64(u64 z)      /* splitmix64's finaliser; ucall.py has the 
 	return z ^ (z >> 31);
 }
 
-static u64 write_pass(u64 pass, u64 pattern, u64 pct, u64 seed, u64 first, u64 n)
+u64 write_pass(u64 pass, u64 pattern, u64 pct, u64 seed, u64 first, u64 n)
 {
 	volatile u64 *base = (volatile u64 *)region_base;
 	u64 written = 0;
@@ -255,7 +259,7 @@ static u64 write_pass(u64 pass, u64 pattern, u64 pct, u64 seed, u64 first, u64 n
 	return written;
 }
 
-static u64 read_pass(u64 first, u64 n)
+u64 read_pass(u64 first, u64 n)
 {
 	volatile u64 *base = (volatile u64 *)region_base;
 	u64 x = 0;
@@ -297,6 +301,25 @@ static void umain(u64 cpu)
 				__asm__ volatile("pause");
 		case 'Q':
 			guest_exit(0);
+		case 'N': {
+			if (n != 1)
+				break;
+			if (cpu != 0) {
+				l_start(&l, cpu, "ERR N is for the BSP only");
+				l_send(&l);
+				continue;
+			}
+			/* Comes back only if nested mode can't be had; otherwise this
+			 * cpu is L1 from now on and never returns to CPL3. */
+			u64 shift = a[0];
+			const char *why;
+			__asm__ volatile("int %[vec]" : "=a"(why), "+D"(shift) : [vec] "i"(NESTED_VEC)
+					 : "rcx", "rdx", "rsi", "r8", "r9", "r10", "r11", "memory", "cc");
+			l_start(&l, cpu, "ERR ");
+			l_str(&l, why);
+			l_send(&l);
+			continue;
+		}
 		}
 		l_start(&l, cpu, "ERR bad command: ");
 		l_str(&l, cmd);
@@ -326,7 +349,7 @@ void kmain(u32 cpu, u32 mbinfo_pa)
 			read_line(cmd, sizeof(cmd));
 			if (cmd[0] == 'M' && parse_hex(cmd + 1, a, 3) == 3) {
 				u64 before = pt_next;
-				if (map_region(a[0], a[1], (u32)a[2]) == 0) {
+				if (map_region(boot_pml4, a[0], a[1], (u32)a[2]) == 0) {
 					region_base = a[0];
 					region_pages = a[1] >> PAGE_SHIFT;
 					l_start(&l, 0, "MAPPED");
@@ -348,12 +371,19 @@ void kmain(u32 cpu, u32 mbinfo_pa)
 	enter_user((void *)umain, ustacks[cpu] + USTACK_SIZE, cpu);
 }
 
-/* An exception: report it and exit. Runs at CPL0 on this cpu's kernel stack. */
+u64 fixup_rip;   /* set around an MSR access that may fault (boot.S) */
+
+/* An exception: report it and exit. Runs at CPL0 on this cpu's kernel stack.
+ * Returns (to iretq) only for a fault that *_msr_safe() expects. */
 void trap(struct trapframe *f)
 {
 	struct line l;
 	u64 cr2;
 	u16 tr;
+	if (fixup_rip && !(f->cs & 3)) {
+		f->rip = fixup_rip;
+		return;
+	}
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
 	__asm__ volatile("str %0" : "=r"(tr));
 	u64 cpu = (u64)(tr - 0x30) / 16;

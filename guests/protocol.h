@@ -1,6 +1,6 @@
 /*
  * The kvmsplit ucall protocol, guest side. Lines of ASCII on COM1 (0x3f8),
- * hex numbers without 0x. runner/kvmsplit/guest/ucall.py is the host side;
+ * hex numbers without 0x. runner/kvmsplit/vmm/guest/ucall.py is the host side;
  * keep the two in step and bump PROTO_VERSION when a line changes.
  *
  * guest -> host (every line starts with "@<cpu> "):
@@ -11,15 +11,29 @@
  *   DONE R <xor>                           a read pass finished: xor of the first qword of each page
  *   ERR <text>                             a command could not be done
  *   EXC <vec> <err> <rip> <cr2> <cs> <rflags>        an exception; the guest then exits with 0x80|vec
+ *   NESTED <l2_shift> <npt_pages>          BSP, now L1 (at CPL0): W/R/F/H run in L2 from here on
+ *   DONE F <qword>                         nested: what L2 read at F's gpa
+ *   L2EXIT <exitcode> <exitinfo1> <exitinfo2> <l2_rip>   nested: L2 left other than by VMMCALL
+ *                                          (SVM exit codes: 400 NPF, 40+vec exception, 7f shutdown,
+ *                                          ffffffffffffffff VMRUN refused the VMCB); L1 then answers
+ *                                          every command but Q with ERR
  * host -> guest (one line, '\n' terminated):
  *   M <gpa> <size> <shift>                 map the test region with 4K/2M/1G (12/15/1e) pages
  *   W <pass> <pattern> <pct> <seed> <first> <npages>   write pass (pattern 0 seq, 1 random)
  *   R <first> <npages>                     read pass
  *   H                                      hang forever at CPL3 (tests the runner's timeouts)
  *   Q                                      exit with code 0
- * exit port 0xf4 (QEMU isa-debug-exit): out <code>.
+ *   N <l2_shift>                           BSP, after READY: become an SVM L1 hypervisor; L2 sees the
+ *                                          test region at the same GPAs under NPT pages of 1 << l2_shift
+ *                                          (c/15/1e). ERR "svm unavailable: <why>" if the cpu lacks SVM
+ *                                          or NPT, other ERRs for a bad shift or no page-table memory
+ *   F <gpa>                                nested, a test hook: L2 reads the qword at gpa (L1's page
+ *                                          tables map low 1G and the region; the NPT only low memory
+ *                                          up to L1's page tables, and the region), answering DONE F
+ *                                          or, outside the NPT, L2EXIT 400
+ * In nested mode H spins in L2. exit port 0xf4 (QEMU isa-debug-exit): out <code>.
  */
-#define PROTO_VERSION 1
+#define PROTO_VERSION 2
 #define COM1 0x3f8
 #define EXIT_PORT 0xf4
 #define PAGE_SHIFT 12

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROTO_VERSION = 1
+PROTO_VERSION = 2
 COM1 = 0x3F8
 COM1_LSR = COM1 + 5
 EXIT_PORT = 0xF4
@@ -19,7 +19,7 @@ PATTERNS = {"seq": 0, "random": 1}
 @dataclass(frozen=True)
 class GuestLine:
     cpu: int
-    kind: str          # HELLO, MAPPED, READY, DONE, ERR, EXC
+    kind: str          # HELLO, MAPPED, READY, DONE, ERR, EXC; nested: NESTED, L2EXIT
     args: tuple[str, ...]
     text: str
 
@@ -57,8 +57,63 @@ def cmd_read(first: int, npages: int) -> str:
     return f"R {_hex(first, npages)}\n"
 
 
-CMD_HANG = "H\n"
+CMD_HANG = "H\n"       # nested: L2 spins
 CMD_QUIT = "Q\n"
+
+
+# -- nested mode: the guest becomes an SVM L1 and L2 runs W/R/F/H under NPT ------------
+SVM_UNAVAILABLE = "svm unavailable: "   # ERR text after N when the vCPU can't do nested SVM
+SVM_EXIT_NPF = 0x400
+SVM_EXIT_SHUTDOWN = 0x7F
+SVM_EXIT_EXCP_BASE = 0x40
+SVM_EXIT_VMMCALL = 0x81
+SVM_EXIT_INVALID = (1 << 64) - 1         # VMRUN refused the VMCB
+
+
+def cmd_nested(l2_page_shift: int) -> str:
+    """Become L1 (BSP only, after READY); answered by NESTED or ERR."""
+    return f"N {l2_page_shift:x}\n"
+
+
+def cmd_l2_peek(gpa: int) -> str:
+    """Test hook, nested only: L2 reads the qword at gpa (DONE F <qword>, or
+    L2EXIT when the NPT or L1's page tables leave gpa out)."""
+    return f"F {gpa:x}\n"
+
+
+def svm_unavailable(line: GuestLine) -> str | None:
+    """The reason, if this ERR line says the guest cannot do nested SVM (a SKIP)."""
+    text = line.text.split(" ERR ", 1)[-1]
+    return text[len(SVM_UNAVAILABLE):] if line.kind == "ERR" and text.startswith(SVM_UNAVAILABLE) else None
+
+
+def svm_exit_name(code: int) -> str:
+    if code == SVM_EXIT_NPF:
+        return "NPF"
+    if code == SVM_EXIT_SHUTDOWN:
+        return "SHUTDOWN"
+    if SVM_EXIT_EXCP_BASE <= code < SVM_EXIT_EXCP_BASE + 32:
+        return f"exception {code - SVM_EXIT_EXCP_BASE}"
+    if code == SVM_EXIT_INVALID:
+        return "VMEXIT_INVALID"
+    return f"exit {code:#x}"
+
+
+@dataclass(frozen=True)
+class L2Exit:
+    """An L2EXIT line: L2 left by something other than its VMMCALL."""
+    code: int
+    info1: int
+    info2: int
+    rip: int
+
+    @classmethod
+    def parse(cls, line: GuestLine) -> L2Exit:
+        return cls(*line.ints())
+
+    def __str__(self) -> str:
+        return (f"L2 #VMEXIT {self.code:#x} ({svm_exit_name(self.code)}), exitinfo1 {self.info1:#x}, "
+                f"exitinfo2 {self.info2:#x}, L2 rip {self.rip:#x}")
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
