@@ -93,3 +93,45 @@ def run_scenario(kvm, facts, guest_image, host_changes, witness):
     def run(scenario, **opts):
         return ScenarioRun(scenario, facts, guest_image, host_changes, kvm, RunOptions(**opts), witness).run()
     return run
+
+
+# -- the kernel under test: built once, shared by every test that boots it ---------------
+def build_kernel(*mboxes) -> str:
+    """`kvmsplit kernel build` (cached by commit, patches and config): the image path."""
+    import json
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "kvmsplit", "kernel", "build", "--json"]
+    for m in mboxes:
+        args += ["--mbox", str(m)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)["image"]
+
+
+@pytest.fixture(scope="session")
+def vm_tools():
+    import glob
+    import shutil
+    need(bool(glob.glob("/usr/src/linux-source-6.12*")), "linux-source-6.12 not installed")
+    for tool in ("qemu-system-x86_64", "busybox", "flex", "bison", "bc"):
+        need(shutil.which(tool) is not None, f"{tool} not installed")
+
+
+@pytest.fixture(scope="session")
+def kernel_612(vm_tools):
+    """Debian's linux-source-6.12 as `kvmsplit kernel build` makes it: a TDP-MMU KVM host with
+    nested SVM under `kvmsplit vm`. The first build takes 10-20 minutes; then it is cached."""
+    return build_kernel()
+
+
+def kvmsplit_vm(image, *run_args, out, timeout=1800):
+    """`kvmsplit vm --kernel IMAGE -- kvmsplit run ARGS --output OUT`: (exit code, results)."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "kvmsplit", "vm", "--kernel", image, "--", "kvmsplit", "run",
+                        *map(str, run_args), "--output", str(out)], capture_output=True, text=True, timeout=timeout)
+    res = json.loads((out / "results.json").read_text())
+    assert res["host"]["vm"]["state"] == "done", r.stderr[-3000:]
+    return r.returncode, res

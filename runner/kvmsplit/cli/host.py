@@ -36,7 +36,7 @@ def format_probe(f: HostFacts) -> str:
                            f"modules {', '.join(f.modules) or 'none'}"),
         ("kvm api", f.api_version),
     ]
-    rows += [(f"kvm.{n}", _param(p)) for n, p in f.params.items()]
+    rows += [(n if "." in n else f"kvm.{n}", _param(p)) for n, p in f.params.items()]
     rows += [(f"cap {n}", v) for n, v in f.capabilities.items()]
     rows += [(f"guest {n}", "yes" if v else "no") for n, v in f.guest_features.items()]
     rows += [

@@ -41,8 +41,9 @@ def cmd_list(args) -> int:
     for s in scenarios:
         e = expect(s, facts, args.expect)
         when = f"@{e.when}" if e.when else ""
+        nested = f" nested={s.nested} l2_page={s.l2_page}" if s.is_nested else ""
         print(f"{s.name:44} {s.size >> 20:>6}M vcpus={s.vcpus} slots={s.memslots} "
-              f"{s.pattern}/{s.percent}% passes={s.passes}  expect {e.split}{when}")
+              f"{s.pattern}/{s.percent}% passes={s.passes}{nested}  expect {e.split}{when}")
     return EXIT_OK
 
 
@@ -70,7 +71,8 @@ def cmd_run(args) -> int:
     scenarios, facts = chosen_scenarios(args)
     opts = RunOptions(expect=args.expect, accept_user_log=args.accept_user_log,
                       phase_timeout=args.phase_timeout, inject_eio=args.inject_eio,
-                      inject_hang=args.inject_hang, inject_bug=args.inject_bug, trace=not args.no_trace)
+                      inject_hang=args.inject_hang, inject_bug=args.inject_bug, trace=not args.no_trace,
+                      inject_l2_fault=args.inject_l2_fault)
     return run_scenarios(args, scenarios, facts, what="running", options=opts)
 
 
@@ -91,4 +93,5 @@ def add_parsers(sub) -> None:
     sp.add_argument("--inject-eio", metavar="IOCTL", help=argparse.SUPPRESS)
     sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
     sp.add_argument("--inject-bug", metavar="PHASE", help=argparse.SUPPRESS)
+    sp.add_argument("--inject-l2-fault", metavar="PHASE", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)

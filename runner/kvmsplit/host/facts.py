@@ -155,10 +155,15 @@ def guest_features(kvm: Kvm) -> dict[str, bool]:
     """CPU features KVM can give a guest that decide which guest page sizes
     work: without PDPE1GB a 1G guest page is a reserved-bit fault (PVM, for
     one, does not offer it even where the host CPU has it)."""
-    feats = {"pdpe1gb": False}
+    feats = {"pdpe1gb": False, "svm": False, "npt": False, "vmx": False}
     for e in kvm.supported_cpuid():
         if e.function == 0x80000001:
             feats["pdpe1gb"] = bool(e.edx >> 26 & 1)
+            feats["svm"] = bool(e.ecx >> 2 & 1)       # what an L1 hypervisor needs ...
+        elif e.function == 0x8000000A:
+            feats["npt"] = bool(e.edx & 1)            # ... and nested paging for its L2
+        elif e.function == 1:
+            feats["vmx"] = bool(e.ecx >> 5 & 1)
     return feats
 
 
@@ -205,6 +210,23 @@ class HostFacts:
         """A kvm module parameter's value; None when this kernel lacks it."""
         p = self.params.get(name)
         return None if p is None else p.value
+
+    def nested_svm(self) -> str | None:
+        """Why an L1 guest cannot run an SVM L2 here, or None when it can."""
+        if self.guest_features.get("svm") and self.guest_features.get("npt"):
+            return None
+        nested = self.param("kvm_amd.nested")
+        if self.guest_features.get("vmx") or self.hardware == "vmx":
+            return ("this host offers VMX, not SVM; kvmsplit's L1 speaks SVM only (on Intel the kernel's "
+                    "dirty_log_perf_test -n covers nested dirty logging: kvmsplit selftests run -k dirty_log_perf_test/-n)")
+        if self.guest_features.get("svm"):
+            return "KVM offers SVM but not nested paging (NPT) to its guests"
+        why = "no SVM in KVM_GET_SUPPORTED_CPUID"
+        if self.hardware != "svm":
+            why += f"; the CPU offers {self.hardware} and KVM is {self.kind}"
+        elif nested in (False, 0):
+            why += "; kvm_amd.nested=0"
+        return f"KVM does not offer SVM to its guests here ({why})"
 
     def cap(self, name: str) -> int:
         return self.capabilities.get(name, 0)
@@ -260,7 +282,8 @@ def probe(kvm: Kvm | None = None) -> HostFacts:
         hardware=virt["hardware"], modules=tuple(virt["modules"]), kind=virt["kind"],
         paging=virt["paging"], under_hypervisor=virt["running_under_hypervisor"],
         api_version=api, capabilities=caps, guest_features=feats,
-        params={name: module_param("kvm", name) for name in KVM_PARAMS},
+        params={**{name: module_param("kvm", name) for name in KVM_PARAMS},
+                **{f"{m}.nested": module_param(m, "nested") for m in ("kvm_amd", "kvm_intel")}},
         mem_total=mem["total"], mem_available=mem["available"], thp=thp_mode(),
         hugetlb=hugetlb_pools(), kernel_log_readable=kernel_log_readable(), taint=_taint(),
         tracing=tracing.probe())

@@ -30,6 +30,7 @@ from kvmsplit.vmm.memory import Backing, GuestMemory
 
 TEST_GPA = 1 << 32          # 4 GiB: 1G-aligned and clear of the boot identity map
 FIRST_TEST_SLOT = 1
+L2_FAULT = ucall.cmd_l2_peek(0x20000000)    # 512 MiB: L1's NPT maps low memory and the test region only
 VM_STATS = ("pages_4k", "pages_2m", "pages_1g", "remote_tlb_flush", "mmu_shadow_zapped",
             "mmu_unsync", "mmu_cache_miss", "nx_lpage_splits")
 VCPU_STATS = ("pf_taken", "pf_fixed", "exits", "io_exits", "insn_emulation")
@@ -43,8 +44,13 @@ class RunOptions:
     inject_eio: str | None = None       # make this ioctl fail with EIO (tests)
     inject_hang: str | None = None      # the guest hangs in this phase (tests)
     inject_bug: str | None = None       # kvmsplit itself raises in this phase (tests: a bug can't be had on demand)
+    inject_l2_fault: str | None = None  # nested: L2 touches memory L1 never mapped for it, in this phase (tests)
     on_phase: Callable[[str, str], None] | None = None
     trace: bool = True                  # the tracepoint witness (--no-trace turns it off: UNCONFIRMED)
+
+
+class NotTestable(Exception):
+    """The scenario cannot be tested here, found out while it ran: a SKIP with the reason."""
 
 
 class ScenarioRun:
@@ -71,6 +77,8 @@ class ScenarioRun:
         self.initially_set: dict | None = None
         self.vm_bugged: str | None = None
         self.error: str | None = None
+        self.not_testable: str | None = None   # found out only once the guest ran (no SVM for L1)
+        self.nested: str | None = None         # the guest's NESTED line
         self.kernel_s = 0.0
         self.host_huge_bytes: int | None = None
         self.sys_mem = 0
@@ -92,6 +100,8 @@ class ScenarioRun:
         try:
             self._setup()
             self._phases()
+        except NotTestable as e:
+            self.not_testable = str(e)
         except VmBugged as e:
             self.vm_bugged = f"{e.ioctl} returned EIO in phase {self.cur_phase}"
         except GuestTimeout as e:
@@ -112,6 +122,9 @@ class ScenarioRun:
                 self.trace.close()
             r.kernel_log = guard.stop().to_dict()
             r.duration_s = time.monotonic() - t0
+        if self.not_testable:
+            r.verdict, r.reasons = Verdict.SKIP, [self.not_testable]
+            return r
         r.dirty = {"passes": self.dirty_passes, "initially_set": self.initially_set}
         self._apply(judge(self.observations(), self.exp))
         return r
@@ -129,7 +142,7 @@ class ScenarioRun:
             initially_set=self.initially_set, memory_mismatch=tuple(self.memory_mismatch),
             verify=self.verify, vm_bugged=self.vm_bugged, error=self.error,
             host_huge_bytes=self.host_huge_bytes, pass1_regions=self.pass1_regions,
-            kernel_log=self.res.kernel_log, trace_unavailable=self.trace_unavailable,
+            kernel_log=self.res.kernel_log, trace_unavailable=self.trace_unavailable, nested=self.s.is_nested,
             memory_bytes=self.s.size + self.sys_mem)
 
     def _apply(self, j: Judgement) -> None:
@@ -148,6 +161,10 @@ class ScenarioRun:
         if s.guest_page == "1g" and not f.guest_features.get("pdpe1gb"):
             return ("KVM does not offer 1G guest pages here (no PDPE1GB in "
                     "KVM_GET_SUPPORTED_CPUID)")
+        if s.is_nested:
+            why = f.nested_svm()
+            if why:
+                return why
         if s.backing is Backing.THP and f.thp == "never":
             return "transparent hugepages are disabled on this host (THP=never)"
         if s.backing.hugetlb_kb:
@@ -159,7 +176,8 @@ class ScenarioRun:
         s = self.s
         fault = FaultInjector(self.opt.inject_eio) if self.opt.inject_eio else None
         # page tables for the test region live in system memory: 2M per GiB at 4K pages
-        self.sys_mem = (8 << 20) + (((s.size >> 30) + 1) << 21 if s.guest_page == "4k" else 0)
+        self.sys_mem = (8 << 20) + sum(((s.size >> 30) + 1) << 21 for page in (s.guest_page, self._l2_page())
+                                       if page == "4k")
         self.m = Machine(self.kvm, nr_vcpus=s.vcpus, sys_mem=self.sys_mem,
                          dirty_ring_bytes=s.ring_size if s.dirty_mode.ring else 0,
                          ring_acq_rel=s.dirty_mode is DirtyMode.RING_ACQ_REL,
@@ -245,9 +263,10 @@ class ScenarioRun:
     def _command_all(self, make_cmd, kind: str) -> list[ucall.GuestLine]:
         """Send each vCPU its command, wait for every DONE."""
         hang = self.opt.inject_hang == self.cur_phase
+        fault = self.opt.inject_l2_fault == self.cur_phase and self.s.is_nested
         with self.in_kernel():
             for c in range(self.s.vcpus):
-                self.machine.send(c, ucall.CMD_HANG if hang else make_cmd(c))
+                self.machine.send(c, ucall.CMD_HANG if hang else L2_FAULT if fault else make_cmd(c))
             return [self.machine.expect(c, "DONE", self._timeout(), f"{kind} in phase {self.cur_phase}")
                     for c in range(self.s.vcpus)]
 
@@ -265,6 +284,8 @@ class ScenarioRun:
             m.send(0, ucall.cmd_map(TEST_GPA, s.size, ucall.PAGE_SHIFTS[s.guest_page]))
             m.expect(0, "MAPPED", self._timeout(), "MAPPED")
             m.expect(0, "READY", self._timeout(), "READY")
+            if s.is_nested:
+                self._become_l1()
             m.start()    # the APs boot on the page tables the BSP built
             for c in range(1, s.vcpus):
                 m.expect(c, "READY", self._timeout(), "READY")
@@ -295,6 +316,20 @@ class ScenarioRun:
 
         with self.phase("verify"):
             self._verify()
+
+    def _l2_page(self) -> str | None:
+        return self.s.l2_page if self.s.is_nested else None
+
+    def _become_l1(self) -> None:
+        """The guest turns L1 hypervisor; from now on an L2 under its NPT does the passes."""
+        self.machine.send(0, ucall.cmd_nested(ucall.PAGE_SHIFTS[self.s.l2_page]))
+        try:
+            self.nested = self.machine.expect(0, "NESTED", self._timeout(), "NESTED").text
+        except GuestError as e:
+            why = ucall.svm_unavailable(e.line) if e.line is not None else None
+            if why is None:
+                raise
+            raise NotTestable(f"the guest cannot run an SVM L2 here: {why}") from None
 
     # -- the work in each phase -----------------------------------------------------------
     def _write_pass(self, pass_no: int, pattern: str, pct: int, check_dirty: bool) -> None:

@@ -37,6 +37,19 @@ class Rule:
 RULES: list[Rule] = [
     Rule(lambda s, h: s.backing is Backing.ANON, "none", None,
          "4K anonymous backing: the host has no huge pages for KVM to map huge"),
+    Rule(lambda s, h: s.is_nested and s.l2_page == "4k", "none", None,
+         "L1 maps L2's memory with 4K nested pages: the shadow MMU maps L2 no larger than that"),
+    Rule(lambda s, h: s.is_nested and h.param("eager_page_split") is False, "lazy", None,
+         "kvm.eager_page_split=N: the shadow MMU splits L2's huge mappings on L2's write faults"),
+    Rule(lambda s, h: s.is_nested and h.param("tdp_mmu") is not True, "lazy", None,
+         "eager splitting needs the TDP MMU on (kvm_mmu_slot_try_split_huge_pages returns early "
+         "without it): the shadow MMU splits L2's huge mappings on write faults"),
+    Rule(lambda s, h: s.is_nested and s.dirty_mode is DirtyMode.MANUAL_INIT_SET, "eager", "first-clear",
+         "the shadow MMU splits L2's huge mappings (guest_mode shadow pages) eagerly at the first "
+         "KVM_CLEAR_DIRTY_LOG with INITIALLY_SET (kvm_shadow_mmu_try_split_huge_pages)"),
+    Rule(lambda s, h: s.is_nested, "eager", "enable",
+         "TDP MMU with eager_page_split=Y: the shadow MMU splits L2's huge mappings (guest_mode shadow "
+         "pages) eagerly when dirty logging is enabled (kvm_shadow_mmu_try_split_huge_pages)"),
     Rule(lambda s, h: h.paging == "shadow" and s.guest_page == "4k", "none", None,
          "shadow paging maps a guest page no larger than the guest's own 4K page"),
     Rule(lambda s, h: h.param("eager_page_split") is None, "lazy", None,

@@ -43,6 +43,7 @@ class DirtyMode(StrEnum):
 
 
 EXPECTATIONS = ("auto", "eager", "lazy", "none")
+NESTED = ("none", "svm", "auto")      # auto: the nested flavour this host offers (SVM today; VMX: see README)
 GUEST_PAGE_SIZES = {k: 1 << v for k, v in PAGE_SHIFTS.items()}
 
 
@@ -63,6 +64,12 @@ class Scenario:
     ring_size: int = 64 * 1024        # bytes per vCPU ring
     clear_chunk: int = 64 * MB        # KVM_CLEAR_DIRTY_LOG granularity, bytes
     phase_timeout: float | None = None
+    nested: str = "none"              # none, svm or auto: the writes come from an L2 under L1's NPT
+    l2_page: str = "2m"               # page size of L1's nested page tables for L2's test region
+
+    @property
+    def is_nested(self) -> bool:
+        return self.nested != "none"
 
     @property
     def npages(self) -> int:
@@ -76,6 +83,10 @@ class Scenario:
         d = dataclasses.asdict(self)
         d["backing"] = self.backing.value
         d["dirty_mode"] = self.dirty_mode.value
+        if not self.is_nested:
+            # a plain scenario's parameters stay what they were: the history
+            # matches "the same scenario" across versions by them
+            del d["nested"], d["l2_page"]
         return d
 
     @classmethod
@@ -155,6 +166,14 @@ def validate(s: Scenario) -> None:
         raise ValueError(f"guest_page: unknown value {s.guest_page!r} (one of: 4k, 2m, 1g)")
     if s.pattern not in PATTERNS:
         raise ValueError(f"pattern: unknown value {s.pattern!r} (one of: {', '.join(PATTERNS)})")
+    if s.nested not in NESTED:
+        raise ValueError(f"nested: unknown value {s.nested!r} (one of: {', '.join(NESTED)})")
+    if s.l2_page not in GUEST_PAGE_SIZES:
+        raise ValueError(f"l2_page: unknown value {s.l2_page!r} (one of: 4k, 2m, 1g)")
+    if s.is_nested and s.vcpus != 1:
+        raise ValueError(f"vcpus: a nested scenario runs one L2 on one vCPU, got {s.vcpus}")
+    if s.is_nested and s.size % GUEST_PAGE_SIZES[s.l2_page]:
+        raise ValueError(f"size {_fmt_size(s.size)} is not whole {s.l2_page} L2 pages")
     if s.expect not in EXPECTATIONS:
         raise ValueError(f"expect: unknown value {s.expect!r} (one of: {', '.join(EXPECTATIONS)})")
     if not 1 <= s.vcpus <= GUEST_MAX_CPUS:
@@ -220,6 +239,7 @@ def default_suite(facts: HostFacts | None = None) -> list[Scenario]:
             for mode in DirtyMode:
                 out.append(Scenario(name=f"{backing.value}/{gp}/{mode.value}", backing=backing,
                                     guest_page=gp, size=size, dirty_mode=mode))
+    out += nested_suite(base)
     out += [
         Scenario(name="thp/2m/bitmap/2vcpu-2slot-random", backing=Backing.THP, guest_page="2m",
                  size=2 * base, vcpus=2, memslots=2, pattern="random", percent=50, seed=7, passes=3),
@@ -229,6 +249,20 @@ def default_suite(facts: HostFacts | None = None) -> list[Scenario]:
         Scenario(name="hugetlb-2m/2m/manual/4slot-seq50", backing=Backing.HUGETLB_2M, guest_page="2m",
                  size=base, memslots=4, dirty_mode=DirtyMode.MANUAL, percent=50, clear_chunk=16 * MB),
     ]
+    return out
+
+
+def nested_suite(base: int) -> list[Scenario]:
+    """L2 writing through L1's nested page tables, where the shadow MMU maps
+    it: each dirty mode over huge L2 pages (what eager splitting splits),
+    and 4K L2 pages once (nothing huge for the shadow MMU to hold). Small:
+    under a TCG-emulated SVM host every L2 write is slow."""
+    size = min(base, 64 * MB)
+    out = [Scenario(name=f"nested/{b.value}/l2-2m/{mode.value}", backing=b, guest_page="2m", size=size,
+                    dirty_mode=mode, nested="auto", l2_page="2m")
+           for b in (Backing.THP, Backing.HUGETLB_2M) for mode in DirtyMode]
+    out.append(Scenario(name="nested/hugetlb-2m/l2-4k/bitmap", backing=Backing.HUGETLB_2M, guest_page="2m",
+                        size=size, nested="auto", l2_page="4k"))
     return out
 
 
@@ -253,5 +287,5 @@ def check_fits_host(scenarios: list[Scenario], facts: HostFacts) -> None:
             raise UnavailableError(f"scenario '{s.name}' needs {s.vcpus} vCPUs; KVM allows {ncpu}")
 
 
-__all__ = ["Scenario", "DirtyMode", "Backing", "load_file", "default_suite", "select",
+__all__ = ["Scenario", "DirtyMode", "Backing", "load_file", "default_suite", "nested_suite", "select",
            "check_fits_host", "parse_size"]

@@ -29,6 +29,7 @@ class Observations:
     kernel_log: dict = field(default_factory=dict)
     trace_unavailable: str | None = None        # why the tracepoint witness is missing, if it is
     memory_bytes: int = 0                       # all the VM's memslots: no page count may map more
+    nested: bool = False                        # the writes came from an L2: the shadow MMU maps them
 
     def trace(self, phase: str) -> dict | None:
         return next((p.trace for p in self.phases if p.name == phase), None)

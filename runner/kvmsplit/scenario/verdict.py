@@ -298,6 +298,23 @@ def _installed(obs: Observations, phase: str, since: str) -> list[str]:
     return []
 
 
+def _shadow_mmu_split(obs: Observations, phase: str) -> list[str]:
+    """A nested scenario's eager split must be the shadow MMU's: each 2M split
+    comes with a new direct level-1 shadow page whose role has guest_mode
+    (shadow_mmu_get_sp_for_split), which the TDP MMU never makes."""
+    tr = obs.trace(phase)
+    if not tr:
+        return []
+    splits, gm = _level(tr, "splits_by_level", 2), tr.get("new_direct_l1_guest_mode")
+    if gm is None:
+        return [f"{phase}: the trace has no role words, so the shadow MMU's splits cannot be told "
+                "from the TDP MMU's"] if splits else []
+    if splits > gm:
+        return [f"{phase}: {splits} 2M splits, but only {gm} new guest_mode shadow pages: not (all) the "
+                "shadow MMU's split of L2 memory"]
+    return []
+
+
 def witness_check(obs: Observations, exp: Expectation) -> Check:
     if obs.trace_unavailable:
         return Check("witness", S.UNCHECKED, f"tracepoints unavailable ({obs.trace_unavailable}): the "
@@ -315,7 +332,10 @@ def witness_check(obs: Observations, exp: Expectation) -> Check:
     eager = exp.split == "eager"
     problems = [msg for ph in SPLIT_PHASES if ph in traces for msg in _compare_phase(obs, ph, eager)]
     problems += _installed(obs, "populate", "boot") + _installed(obs, "recovery", "disable")
-    details = {"phases": {n: {k: tr.get(k) for k in ("splits_by_level", "regions_dismantled", "new_direct_l1",
+    if obs.nested and eager and exp.when:
+        problems += _shadow_mmu_split(obs, exp.when)
+    details = {"phases": {n: {k: tr.get(k) for k in ("splits_by_level", "split_retries", "regions_dismantled",
+                                                     "new_direct_l1", "new_direct_l1_guest_mode",
                                                      "huge_mapped_by_level", "lost")}
                           for n, tr in traces.items()}}
     if problems:
@@ -323,10 +343,11 @@ def witness_check(obs: Observations, exp: Expectation) -> Check:
     if lost:
         return Check("witness", S.UNCHECKED, f"trace events lost in {', '.join(f'{n} ({c})' for n, c in lost.items())}"
                      ": the tracepoint witness is incomplete", details)
-    return Check("witness", S.PASS, f"tracepoints agree with the stats: {_witness_summary(traces)}", details)
+    return Check("witness", S.PASS, f"tracepoints agree with the stats: {_witness_summary(traces, obs.nested)}",
+                 details)
 
 
-def _witness_summary(traces: dict) -> str:
+def _witness_summary(traces: dict, nested: bool = False) -> str:
     parts = []
     for n in ("populate", *SPLIT_PHASES, "recovery"):
         tr = traces.get(n)
@@ -334,9 +355,11 @@ def _witness_summary(traces: dict) -> str:
             continue
         splits = sum(int(v) for v in tr.get("splits_by_level", {}).values())
         huge = sum(int(v) for v in tr.get("huge_mapped_by_level", {}).values())
-        bits = [f"{splits} splits"] if splits else []
+        gm = tr.get("new_direct_l1_guest_mode")
+        bits = [f"{splits} splits" + (f" ({gm} by the shadow MMU, of L2 memory)" if gm else "")] if splits else []
         bits += [f"{tr['new_direct_l1']} new 4K shadow tables"] if tr.get("new_direct_l1") else []
-        bits += [f"{huge} huge mapped"] if huge else []
+        bits += [f"{huge} huge mapped" + (" (L2 memory, by the shadow MMU)" if nested else "")] if huge else []
+        bits += [f"{tr['split_retries']} retried (EAGAIN)"] if tr.get("split_retries") else []
         if bits:
             parts.append(f"{n} {', '.join(bits)}")
     return "; ".join(parts) or "no split or huge-mapping events"

@@ -14,6 +14,7 @@ the process asked for become events; the rest are counted, never guessed at.
 """
 from __future__ import annotations
 
+import errno
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -192,9 +193,10 @@ class PhaseTrace:
     2M region (how the shadow MMU maps it at 4K). The shadow MMU's eager split
     gives both for one region; it counts once.
     """
-    splits_by_level: dict[int, int] = field(default_factory=dict)
+    splits_by_level: dict[int, int] = field(default_factory=dict)       # splits that happened (errno 0)
     split_errnos: tuple[tuple[int, int], ...] = ()     # (gfn, errno) with errno != 0, first ERRNO_CAP
-    split_errors: int = 0                              # all splits with errno != 0
+    split_errors: int = 0                              # all splits with errno != 0 (but EAGAIN)
+    split_retries: int = 0                             # EAGAIN: restarted after a cache top-up
     split_gfns: int = 0                                # distinct gfns split
     new_direct_l1: int = 0                             # created direct level-1 shadow pages
     new_direct_l1_gfns: int = 0                        # their distinct gfns
@@ -211,7 +213,7 @@ class PhaseTrace:
                     unparsed: int = 0) -> PhaseTrace:
         splits: Counter[int] = Counter()
         errnos: list[tuple[int, int]] = []
-        n_errors = 0
+        n_errors = retries = 0
         split_gfns: set[int] = set()
         l1_gfns: set[int] = set()
         n_l1 = 0
@@ -220,14 +222,20 @@ class PhaseTrace:
         huge: Counter[int] = Counter()
         for ev in events:
             if isinstance(ev, SplitHugePage):
-                splits[ev.level] += 1
-                split_gfns.add(ev.gfn)
-                if ev.level > 1:
-                    regions.add(_region(ev.gfn, ev.level))
+                if ev.errno == -errno.EAGAIN:
+                    # not a failure: the shadow MMU dropped mmu_lock to top up its split caches
+                    # and restarts the walk; the same huge page is split (and traced) again
+                    retries += 1
+                    continue
                 if ev.errno:
                     n_errors += 1
                     if len(errnos) < ERRNO_CAP:
                         errnos.append((ev.gfn, ev.errno))
+                    continue        # not split: the huge page stays (the stats will say so)
+                splits[ev.level] += 1
+                split_gfns.add(ev.gfn)
+                if ev.level > 1:
+                    regions.add(_region(ev.gfn, ev.level))
             elif isinstance(ev, GetPage):
                 if ev.created and ev.direct and ev.level == 1:
                     n_l1 += 1
@@ -241,7 +249,8 @@ class PhaseTrace:
                 if ev.level > 1:
                     huge[ev.level] += 1
         return cls(splits_by_level=_levels(splits), split_errnos=tuple(errnos), split_errors=n_errors,
-                   split_gfns=len(split_gfns), new_direct_l1=n_l1, new_direct_l1_gfns=len(l1_gfns),
+                   split_gfns=len(split_gfns), split_retries=retries, new_direct_l1=n_l1,
+                   new_direct_l1_gfns=len(l1_gfns),
                    new_direct_l1_guest_mode=gm if n_l1 else None, regions_dismantled=len(regions),
                    huge_mapped_by_level=_levels(huge), events=len(events), lost=lost,
                    foreign=foreign, unparsed=unparsed)
@@ -262,6 +271,7 @@ class PhaseTrace:
             "splits_by_level": {str(k): v for k, v in self.splits_by_level.items()},
             "split_errnos": [[g, e] for g, e in self.split_errnos],
             "split_errors": self.split_errors,
+            "split_retries": self.split_retries,
             "split_gfns": self.split_gfns,
             "new_direct_l1": self.new_direct_l1,
             "new_direct_l1_gfns": self.new_direct_l1_gfns,
@@ -280,6 +290,7 @@ class PhaseTrace:
             splits_by_level={int(k): int(v) for k, v in d.get("splits_by_level", {}).items()},
             split_errnos=tuple((int(g), int(e)) for g, e in d.get("split_errnos", [])),
             split_errors=int(d.get("split_errors", 0)),
+            split_retries=int(d.get("split_retries", 0)),
             split_gfns=int(d.get("split_gfns", 0)),
             new_direct_l1=int(d.get("new_direct_l1", 0)),
             new_direct_l1_gfns=int(d.get("new_direct_l1_gfns", 0)),

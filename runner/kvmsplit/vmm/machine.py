@@ -48,6 +48,10 @@ LSR_THR_EMPTY = 0x60
 class GuestError(Exception):
     """The guest stopped, crashed or said something it should not have."""
 
+    def __init__(self, message: str, line: ucall.GuestLine | None = None):
+        super().__init__(message)
+        self.line = line        # the guest's own line, where it said what went wrong
+
 
 class GuestTimeout(GuestError):
     pass
@@ -187,8 +191,10 @@ class Machine:
                 gl = ev[2]
                 if gl is None:
                     continue
+                if gl.kind == "L2EXIT":
+                    raise GuestError(f"guest cpu {gl.cpu}: {ucall.L2Exit.parse(gl)}", gl)
                 if gl.kind in ("EXC", "ERR"):
-                    raise GuestError(f"guest cpu {gl.cpu}: {gl.text}")
+                    raise GuestError(f"guest cpu {gl.cpu}: {gl.text}", gl)
                 if gl.cpu == cpu and gl.kind == kind:
                     return gl
                 self._backlog.append(gl)   # another vCPU's answer: keep it for its expect()
