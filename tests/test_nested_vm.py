@@ -3,6 +3,7 @@ SVM+NPT EPYC) the 6.12 kernel under test offers SVM to kvmsplit's guest, whose
 L1 runs an L2 under nested paging; the shadow MMU's eager split of L2 memory
 (the seed review's path) must be observed, not assumed."""
 import pytest
+
 from conftest import kvmsplit_vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm, pytest.mark.timeout(3600)]
@@ -35,7 +36,8 @@ def test_an_l2_that_faults_is_an_error_naming_the_phase_and_its_exit_code(kernel
     rc, res = kvmsplit_vm(kernel_612, "-k", ONE, "--inject-l2-fault", "dirty-1", out=tmp_path)
     [s] = res["scenarios"]
     assert rc == 1 and s["verdict"] == "ERROR" and s["error_phase"] == "dirty-1"
-    assert s["reasons"][0].startswith("guest failed in phase dirty-1: guest cpu 0: L2 #VMEXIT 0x400 (NPF)"), s["reasons"]
+    want = "guest failed in phase dirty-1: guest cpu 0: L2 #VMEXIT 0x400 (NPF)"
+    assert s["reasons"][0].startswith(want), s["reasons"]
 
 
 def test_a_hung_l2_is_an_error_within_the_phase_timeout(kernel_612, tmp_path):

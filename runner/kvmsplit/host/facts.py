@@ -218,7 +218,8 @@ class HostFacts:
         nested = self.param("kvm_amd.nested")
         if self.guest_features.get("vmx") or self.hardware == "vmx":
             return ("this host offers VMX, not SVM; kvmsplit's L1 speaks SVM only (on Intel the kernel's "
-                    "dirty_log_perf_test -n covers nested dirty logging: kvmsplit selftests run -k dirty_log_perf_test/-n)")
+                    "dirty_log_perf_test -n covers nested dirty logging: "
+                    "kvmsplit selftests run -k dirty_log_perf_test/-n)")
         if self.guest_features.get("svm"):
             return "KVM offers SVM but not nested paging (NPT) to its guests"
         why = "no SVM in KVM_GET_SUPPORTED_CPUID"
