@@ -135,3 +135,10 @@ def kvmsplit_vm(image, *run_args, out, timeout=1800):
     res = json.loads((out / "results.json").read_text())
     assert res["host"]["vm"]["state"] == "done", r.stderr[-3000:]
     return r.returncode, res
+
+
+@pytest.fixture(scope="session")
+def clean_run(kernel_612, tmp_path_factory):
+    """The whole default suite inside the unpatched 6.12 kernel, once per session:
+    (exit code, results). The planted-bug and nested tests compare against it."""
+    return kvmsplit_vm(kernel_612, out=tmp_path_factory.mktemp("clean-612"))
