@@ -45,10 +45,46 @@ def test_not_allowed_is_a_reason_not_a_change(writable_pool, tmp_path):
     assert "not allowed" in why and pool() == writable_pool
 
 
-def test_impossible_pool_is_a_reason(writable_pool, tmp_path):
+def test_a_pool_bigger_than_the_host_can_spare_is_refused_untouched(writable_pool, tmp_path):
     with HostChanges(journal=tmp_path / "j.json") as hc:
         why = hc.ensure_hugepages(2048, 1 << 30)   # 2 PiB of huge pages
-        assert "could only grow" in why
+        assert "MiB available; not growing it" in why
+        assert pool() == writable_pool and not hc.added
+
+
+def test_two_in_one_process_do_not_undo_each_other(writable_pool, tmp_path):
+    a = HostChanges(journal=tmp_path / "a.json").__enter__()
+    assert a.ensure_hugepages(2048, free() + 4) is None
+    b = HostChanges(journal=tmp_path / "b.json").__enter__()      # must not take a's journal for stale
+    assert (tmp_path / "a.json").exists() and pool() == writable_pool + 4
+    assert b.ensure_hugepages(2048, free() + 2) is None
+    assert pool() == writable_pool + 6
+    a.restore()
+    assert pool() == writable_pool + 2          # a gave back its 4, not b's 2
+    b.restore()
+    assert pool() == writable_pool
+
+
+def test_a_concurrent_run_never_records_anothers_pool_as_the_original(writable_pool, tmp_path):
+    """The old bug: run B saw run A's grown pool, took it for the original and
+    restored it after A had finished, leaving A's pages in the pool for good."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from kvmsplit.host.changes import HostChanges
+        with HostChanges(journal=Path({str(tmp_path / "a.json")!r})) as hc:
+            assert hc.ensure_hugepages(2048, int(open({POOL!r} + "free_hugepages").read()) + 6) is None
+            print("grown", flush=True)
+            sys.stdin.readline()
+    """)
+    a = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert a.stdout.readline().strip() == "grown"
+    with HostChanges(journal=tmp_path / "b.json") as b:
+        assert b.ensure_hugepages(2048, free() + 2) is None     # B grows the pool A has grown
+        assert pool() == writable_pool + 8
+        a.communicate("\n", timeout=30)                        # A finishes first: its 6 go back
+        assert pool() == writable_pool + 2                      # B's 2 stay while B runs
+    assert pool() == writable_pool
 
 
 def test_killed_run_is_restored_by_the_next(writable_pool, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvmsplit.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_NOTHING_TESTED, EXIT_OK, EXIT_UNCONFIRMED
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2      # 2: the UNCONFIRMED verdict; phases' trace and kvm_run_s
 
 class Verdict(StrEnum):
     """One scenario's outcome."""
