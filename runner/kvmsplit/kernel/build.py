@@ -3,12 +3,17 @@ patches, cached by what went into it.
 
 The tree is a git repository: a kernel tree the user gives, or Debian's
 linux-source tarball, extracted once into the cache and committed as
-`kvmsplit-base`. Patches are applied on top of the tree's HEAD (mbox files
-with `git am`, plain diffs with `git apply`), the kernel is built with
-virtme-ng's minimal config plus KVM, and the tree is put back to HEAD
-afterwards. Only files the patches touched are rebuilt next time, so a
-variant costs a minute, not a full build. The bzImage is copied into the
-cache under a key of (tree commit, patches, config).
+`kvmsplit-base` (that one is kvmsplit's own). Patches (mbox files with
+`git am`, plain diffs with `git apply`) are never applied in a user's tree:
+they go into a worktree of it that kvmsplit keeps in its cache (one per
+tree, so a variant rebuilds only what its patches touch), reset to the
+commit before each build. The user's checkout is never reset or cleaned, and
+its untracked files are never touched. kvmsplit's own tree is always built
+from its base tag, so a build killed with its patches applied cannot leak
+them into a later build. An unpatched build of a user tree builds the tree
+as it is, and its cache key includes its uncommitted edits. The bzImage is
+copied into the cache under a key of (commit, uncommitted edits, patches,
+config).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmsplit.errors import BadInputError, NoInputError, UnavailableError, UsageError
+from kvmsplit.errors import BadInputError, NoInputError, UnavailableError
 from kvmsplit.kernel.source import DEBIAN_SOURCES, extract_tarball, find_debian_source, first_error, tarball_stem
 from kvmsplit.kernel.vm import elf_build_id
 from kvmsplit.paths import cache_dir
@@ -98,12 +103,49 @@ def _is_mbox(path: Path) -> bool:
         return f.read(5) == b"From "
 
 
-def _key(commit: str, patches: list[Path]) -> str:
+def _key(commit: str, patches: list[Path], edits: str = "") -> str:
     h = hashlib.sha256(commit.encode())
     for p in patches:
         h.update(b"\0" + p.read_bytes())
     h.update("\0".join(CONFIG_ITEMS).encode())
+    if edits:
+        h.update(b"\0edits\0" + edits.encode())
     return h.hexdigest()[:16]
+
+
+def _owned(tree: Path) -> bool:
+    """kvmsplit's own extracted tree: it may reset and clean it at will."""
+    try:
+        Path(tree).resolve().relative_to((cache_dir() / "kernel" / "src").resolve())
+    except ValueError:
+        return False
+    return _is_base(tree)
+
+
+def _edits(tree: Path) -> str:
+    """A digest of what the tree holds beyond its HEAD (tracked edits and
+    untracked files, not build outputs), for the cache key: '' when clean."""
+    diff = subprocess.run(["git", "-C", str(tree), "diff", "HEAD", "--binary"], check=False,
+                          capture_output=True).stdout
+    others = _git(tree, "ls-files", "--others", "--exclude-standard", "-z").stdout.split("\0")
+    if not diff and not any(others):
+        return ""
+    h = hashlib.sha256(diff)
+    for name in sorted(o for o in others if o):
+        f = tree / name
+        h.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b""))
+    return h.hexdigest()
+
+
+def worktree(tree: Path, commit: str) -> Path:
+    """kvmsplit's worktree of a user's tree, at `commit`, clean but for build outputs."""
+    wt = cache_dir() / "kernel" / "work" / hashlib.sha256(str(tree.resolve()).encode()).hexdigest()[:12]
+    if not (wt / ".git").exists():
+        _git(tree, "worktree", "prune")
+        wt.parent.mkdir(parents=True, exist_ok=True)
+        _git(tree, "worktree", "add", "-q", "--detach", str(wt), commit)
+    restore(wt, commit)
+    return wt
 
 
 def apply_patches(tree: Path, patches: list[Path]) -> None:
@@ -131,20 +173,46 @@ def restore(tree: Path, commit: str) -> None:
 def build(tree: str | Path | None = None, patches: Sequence[str] = (), *, force: bool = False,
           say: Callable[[str], None] | None = None) -> KernelImage:
     say = say or (lambda m: print(f"kvmsplit: {m}", file=sys.stderr))
-    tree = Path(tree) if tree else default_tree(say=say)
-    _check_tree(tree)
+    src = Path(tree) if tree else default_tree(say=say)
+    _check_tree(src)
     pfiles = [Path(p) for p in patches]
     for p in pfiles:
         if not p.is_file():
             raise NoInputError(f"{p}: no such patch file")
-    commit = _git(tree, "rev-parse", "HEAD").stdout.strip()
-    key = _key(commit, pfiles)
+    owned = _owned(src)
+    commit = _git(src, "rev-parse", f"{BASE_TAG}^{{commit}}" if owned else "HEAD").stdout.strip()
+    edits = "" if owned or pfiles else _edits(src)
+    key = _key(commit, pfiles, edits)
     out = cache_dir() / "kernel" / "images" / key
     if (out / "bzImage").is_file() and not force:
         info = json.loads((out / "info.json").read_text())
         return KernelImage(out / "bzImage", key, info.get("release"), commit, [str(p) for p in pfiles], True)
-    if pfiles and _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip():
-        raise UsageError(f"{tree} has uncommitted changes; commit or stash them before applying patches")
+    vng = _tools()
+    if owned:
+        restore(src, commit)        # ours: whatever a killed build left applied goes
+        where = src
+    elif pfiles:
+        where = worktree(src, commit)
+        if _edits(src):
+            say(f"{src} has uncommitted changes; the patches go onto its HEAD {commit[:12]} without them")
+    else:
+        where = src                 # the user's tree as it is, edits and all (they are in the key)
+    try:
+        apply_patches(where, pfiles)
+        say(f"building {src} at {commit[:12]}" + (f" + {len(pfiles)} patch(es) in {where}" if pfiles else "")
+            + " (minutes; an unchanged tree is not rebuilt)")
+        release, build_id = _make(where, vng)
+        _store(out, where, {"tree": str(src), "built_in": str(where), "commit": commit, "edits": edits or None,
+                            "patches": [str(p) for p in pfiles],
+                            "patch_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in pfiles],
+                            "config": list(CONFIG_ITEMS), "release": release, "build_id": build_id})
+    finally:
+        if pfiles:
+            restore(where, commit)
+    return KernelImage(out / "bzImage", key, release, commit, [str(p) for p in pfiles], False)
+
+
+def _tools() -> str:
     vng = shutil.which("vng") or shutil.which("vng", path=str(Path(sys.executable).parent))
     if not vng:
         raise UnavailableError("vng not found: pip install virtme-ng")
@@ -152,30 +220,24 @@ def build(tree: str | Path | None = None, patches: Sequence[str] = (), *, force:
     if missing:
         raise UnavailableError(f"cannot build a kernel: {', '.join(missing)} not installed "
                                "(apt-get install flex bison bc libelf-dev libssl-dev)")
-    try:
-        apply_patches(tree, pfiles)
-        say(f"building {tree} at {commit[:12]}" + (f" + {len(pfiles)} patch(es)" if pfiles else "")
-            + " (minutes; an unchanged tree is not rebuilt)")
-        args = [vng, "--build", "--force"] + [a for item in CONFIG_ITEMS for a in ("--configitem", item)]
-        env = {**os.environ, "PATH": os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")])}
-        r = subprocess.run(args, check=False, cwd=tree, capture_output=True, text=True, env=env)
-        if r.returncode:
-            raise UnavailableError(f"kernel build failed: {first_error(r.stderr + r.stdout)}")
-        image = tree / "arch/x86/boot/bzImage"
-        release = (tree / "include/config/kernel.release").read_text().strip() \
-            if (tree / "include/config/kernel.release").exists() else None
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(image, out / "bzImage.tmp")
-        if (tree / "vmlinux").is_file():
-            build_id = elf_build_id(tree / "vmlinux")
-        else:
-            build_id = None
-        (out / "info.json").write_text(json.dumps({
-            "tree": str(tree), "commit": commit, "patches": [str(p) for p in pfiles],
-            "patch_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in pfiles],
-            "config": list(CONFIG_ITEMS), "release": release, "build_id": build_id}, indent=1))
-        os.replace(out / "bzImage.tmp", out / "bzImage")
-    finally:
-        if pfiles:
-            restore(tree, commit)
-    return KernelImage(out / "bzImage", key, release, commit, [str(p) for p in pfiles], False)
+    return vng
+
+
+def _make(where: Path, vng: str) -> tuple[str | None, str | None]:
+    args = [vng, "--build", "--force"] + [a for item in CONFIG_ITEMS for a in ("--configitem", item)]
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")])}
+    r = subprocess.run(args, check=False, cwd=where, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise UnavailableError(f"kernel build failed: {first_error(r.stderr + r.stdout)}")
+    rel = where / "include/config/kernel.release"
+    release = rel.read_text().strip() if rel.exists() else None
+    build_id = elf_build_id(where / "vmlinux") if (where / "vmlinux").is_file() else None
+    return release, build_id
+
+
+def _store(out: Path, where: Path, info: dict) -> None:
+    """The image and what went into it, in the cache; the image appears last, whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(where / "arch/x86/boot/bzImage", out / "bzImage.tmp")
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    os.replace(out / "bzImage.tmp", out / "bzImage")
