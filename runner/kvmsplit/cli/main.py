@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmsplit: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("\nkvmsplit: interrupted; host settings restored, partial results kept", file=sys.stderr)
+        # what was given back to the host has been said where it was done (host/changes.py)
+        print("\nkvmsplit: interrupted; the results of what finished are kept", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

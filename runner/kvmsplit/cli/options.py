@@ -94,7 +94,20 @@ def series_from_args(args) -> dict | None:
 
 # -- running ------------------------------------------------------------------------------
 def output_dir(args, suffix: str = "") -> Path:
-    return Path(args.output or Path("results") / (time.strftime("%Y%m%d-%H%M%S") + suffix))
+    """--output, or a new results/<time><suffix>[-N] made here and now: two runs
+    started in the same second never share (and overwrite) one directory."""
+    if args.output:
+        return Path(args.output)
+    base = Path("results") / (time.strftime("%Y%m%d-%H%M%S") + suffix)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        d = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot make a new results directory next to {base}")
 
 
 def default_sinks(args, series: dict | None = None) -> list:

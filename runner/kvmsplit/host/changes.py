@@ -17,8 +17,10 @@ import fcntl
 import itertools
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,11 +53,31 @@ def _lock_dir() -> Path:
 
 @contextmanager
 def pool_lock(nr_path: Path | str):
-    """One kvmsplit at a time reads, decides and writes a given pool."""
+    """One kvmsplit at a time reads, decides and writes a given pool; a second
+    one says that it waits (the first holds the lock for milliseconds)."""
     name = Path(nr_path).parent.name
     with open(_lock_dir() / f"kvmsplit-{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kvmsplit: waiting for another kvmsplit run to finish changing the {name} pool",
+                  file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+@contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the pools are given back (then they are delivered)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _mem_available() -> int | None:
@@ -138,11 +160,16 @@ class HostChanges:
         os.replace(tmp, self.journal)
 
     def restore(self) -> list[str]:
-        done = _give_back(self.added)
-        if done is None:
-            return []           # keep the journal so the next run retries
-        self.added = {}
-        self.journal.unlink(missing_ok=True)
+        """Give back what this run added, with Ctrl-C/SIGTERM held off meanwhile,
+        and say what was actually given back."""
+        with signals_held():
+            done = _give_back(self.added)
+            if done is None:
+                return []           # keep the journal so the next run retries (already warned)
+            self.added = {}
+            self.journal.unlink(missing_ok=True)
+        if done:
+            print(f"kvmsplit: host restored: {'; '.join(done)}", file=sys.stderr)
         return done
 
     def __enter__(self):
@@ -168,7 +195,7 @@ def _give_back(added: dict[str, int]) -> list[str] | None:
             print(f"kvmsplit: warning: could not give {pages} pages back to {path}: {e.strerror}",
                   file=sys.stderr)
             return None
-        done.append(f"{path} -{pages}")
+        done.append(f"hugetlb {p.parent.name} pool {cur} -> {max(cur - pages, 0)} (-{pages} added by this run)")
     return done
 
 

@@ -45,9 +45,14 @@ class GuestMemory:
         if backing.hugetlb_kb:
             flag = os.MFD_HUGE_1GB if backing is Backing.HUGETLB_1G else os.MFD_HUGE_2MB
             self._fd = os.memfd_create(f"kvmsplit-{backing.value}", os.MFD_CLOEXEC | os.MFD_HUGETLB | flag)
-            os.ftruncate(self._fd, size)
-            # hugetlbfs aligns the mapping to its page size itself
-            m = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                os.ftruncate(self._fd, size)
+                # hugetlbfs aligns the mapping to its page size itself
+                m = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError:
+                os.close(self._fd)      # e.g. no free huge pages: the fd must not outlive the failure
+                self._fd = -1
+                raise
             self._off = 0
         else:
             # over-allocate and use an aligned window; the slack is never touched
