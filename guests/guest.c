@@ -11,6 +11,8 @@
  */
 #include "guest.h"
 
+#define MISBEHAVE_VEC 0x21   /* X's CPL3 -> CPL0 gate (a test hook) */
+
 extern u64 boot_pml4[512];
 extern u64 gdt_tss[];
 extern char _end[];
@@ -39,7 +41,7 @@ struct trapframe {
 };
 
 static struct tss tss[MAX_CPUS];
-static struct idt_entry idt[NESTED_VEC + 1];
+static struct idt_entry idt[MISBEHAVE_VEC + 1];
 static char ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
 u64 pt_next;                     /* page-table page allocator (BSP, CPL0) */
 static u64 pt_end;
@@ -134,6 +136,7 @@ ISR_DECL(0) ISR_DECL(1) ISR_DECL(2) ISR_DECL(3) ISR_DECL(4) ISR_DECL(5) ISR_DECL
 ISR_DECL(8) ISR_DECL(9) ISR_DECL(10) ISR_DECL(11) ISR_DECL(12) ISR_DECL(13) ISR_DECL(14) ISR_DECL(15)
 ISR_DECL(16) ISR_DECL(17) ISR_DECL(18) ISR_DECL(19) ISR_DECL(20) ISR_DECL(21)
 extern void nested_gate(void);
+static void misbehave_cpl0(u64 kind) __attribute__((noreturn));
 static void (*const isrs[22])(void) = {
 	isr0, isr1, isr2, isr3, isr4, isr5, isr6, isr7, isr8, isr9, isr10,
 	isr11, isr12, isr13, isr14, isr15, isr16, isr17, isr18, isr19, isr20, isr21,
@@ -158,6 +161,10 @@ static void cpu_tables(u32 cpu)
 		/* N's way back to CPL0 (SVM instructions need it): a DPL3 gate */
 		set_idt(NESTED_VEC, nested_gate);
 		idt[NESTED_VEC].type = 0xee;
+		/* X's way to CPL0. A gate leaves rsp where a call would: a
+		 * function that never returns can be the handler itself. */
+		set_idt(MISBEHAVE_VEC, (void (*)(void))misbehave_cpl0);
+		idt[MISBEHAVE_VEC].type = 0xee;
 	}
 	__asm__ volatile("lidt %0" :: "m"(idtr));
 	__asm__ volatile("ltr %w0" :: "r"(0x30 + 16 * cpu));
@@ -268,6 +275,58 @@ u64 read_pass(u64 first, u64 n)
 	return x;
 }
 
+/* ---- X: a test hook, the guest misbehaving on purpose (protocol.h) ---------------- */
+static void misbehave_cpl0(u64 kind)
+{
+	if (kind == 4) {
+		struct { u16 limit; u64 base; } __attribute__((packed)) null_idt = { 0, 0 };
+		__asm__ volatile("lidt %0; ud2" :: "m"(null_idt));   /* #UD, #DF, shutdown */
+	}
+	for (;;)
+		__asm__ volatile("pause");
+}
+
+/* Returns only for an unknown kind. */
+static void misbehave(u64 cpu, u64 kind)
+{
+	struct line l;
+	u64 i = 0, r;
+	switch (kind) {
+	case 0:
+	case 4:
+		__asm__ volatile("int %[vec]" :: "D"(kind), [vec] "i"(MISBEHAVE_VEC) : "memory");
+		break;
+	case 1:
+		for (;; i++) {
+			r = mix64(i);
+			put_bytes((const char *)&r, sizeof(r));
+		}
+	case 2:
+		for (;;)
+			put_bytes("this is not the protocol\n", 25);
+	case 3:
+		for (;;)
+			outb(COM1, 'A');
+	case 5:
+		write_pass(0xee, 0, 100, 0, 0, region_pages / 2);
+		l_start(&l, cpu, "DONE W");
+		put_bytes(l.buf, l.n);
+		guest_exit(MISBEHAVE_EXIT);
+	case 6:
+		for (;; i++) {
+			l.n = 0;
+			l_str(&l, "flood");
+			l_hex(&l, i);
+			l_send(&l);
+		}
+	case 7:
+		for (;;) {
+			l_start(&l, cpu, "READY");
+			l_send(&l);
+		}
+	}
+}
+
 static void umain(u64 cpu) __attribute__((noreturn));
 static void umain(u64 cpu)
 {
@@ -301,6 +360,11 @@ static void umain(u64 cpu)
 				__asm__ volatile("pause");
 		case 'Q':
 			guest_exit(0);
+		case 'X':
+			if (n != 1)
+				break;
+			misbehave(cpu, a[0]);
+			break;
 		case 'N': {
 			if (n != 1)
 				break;

@@ -31,10 +31,19 @@
  *                                          tables map low 1G and the region; the NPT only low memory
  *                                          up to L1's page tables, and the region), answering DONE F
  *                                          or, outside the NPT, L2EXIT 400
+ *   X <kind>                               a test hook: misbehave on purpose, never answering (the
+ *                                          runner's timeouts and its defences against a broken guest):
+ *                                          0 spin at CPL0 (IF=0), 1 random bytes, 2 non-protocol lines,
+ *                                          3 one endless line without a newline, 4 triple fault (null IDT
+ *                                          at CPL0, then ud2), 5 write half the region then exit 0x7e
+ *                                          mid-line, 6 a flood of non-protocol lines, 7 a flood of READY
+ *                                          lines nobody asked for; forever, unless it exits. Not nested
+ *                                          (L1 answers ERR bad command).
  * In nested mode H spins in L2. exit port 0xf4 (QEMU isa-debug-exit): out <code>.
  */
 #define PROTO_VERSION 2
 #define COM1 0x3f8
 #define EXIT_PORT 0xf4
 #define PAGE_SHIFT 12
+#define MISBEHAVE_EXIT 0x7e  /* X 5's exit code */
 #define MARKER_TAG 0x4b56  /* "KV": marker = TAG<<48 | pass<<32 | page */

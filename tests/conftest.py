@@ -8,6 +8,9 @@ broken environment, so they fail instead.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -32,13 +35,48 @@ def _kvm_usable() -> str | None:
     return None
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_history(tmp_path_factory):
-    """Runs made by tests (in this process or in kvmsplit subprocesses, which
-    inherit the environment) go into a history of their own, never the user's."""
+# The user's own kvmsplit state, which no test may touch: its history and its cache.
+USER_STATE = [Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "kvmsplit",
+              Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmsplit"]
+
+
+def _fingerprint(paths):
+    """Every file under the user's kvmsplit directories, with its size and mtime."""
+    out = {}
+    for top in paths:
+        for root, _, files in os.walk(top):
+            for f in files:
+                p = Path(root) / f
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                out[str(p)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def pytest_configure(config):
+    """Runs made by tests (here, or in kvmsplit subprocesses, which inherit the
+    environment) keep their history in a temporary home and their builds in a
+    cache of the tests' own (kept between runs: the kernel builds take minutes),
+    never in the user's."""
     if "KVMSPLIT_DATA_DIR" not in os.environ:
-        os.environ["KVMSPLIT_DATA_DIR"] = str(tmp_path_factory.mktemp("kvmsplit-data"))
-    yield
+        os.environ["KVMSPLIT_DATA_DIR"] = tempfile.mkdtemp(prefix="kvmsplit-test-data-")
+    if "KVMSPLIT_CACHE_DIR" not in os.environ:
+        os.environ["KVMSPLIT_CACHE_DIR"] = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                               / "kvmsplit-test")
+    config._kvmsplit_user_state = _fingerprint(USER_STATE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_kvmsplit_user_state", None)
+    if before is not None and _fingerprint(USER_STATE) != before:
+        changed = sorted(set(_fingerprint(USER_STATE).items()) ^ set(before.items()))[:5]
+        print(f"\nFAILED: the test run changed the user's kvmsplit state: {changed}")
+        session.exitstatus = 1
+    data = os.environ.get("KVMSPLIT_DATA_DIR", "")
+    if "kvmsplit-test-data-" in data:         # ours, made in pytest_configure
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def pytest_runtest_setup(item):

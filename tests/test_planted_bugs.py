@@ -12,7 +12,8 @@ as under the unpatched kernel; one it reaches must fail exactly the checks
 the bug breaks, and no others.
 
 The first build takes 10-20 minutes on two cores and is cached in
-~/.cache/kvmsplit/kernel; each planted variant then rebuilds in about a minute.
+the tests' own cache (~/.cache/kvmsplit-test/kernel); each planted variant then rebuilds in about a
+minute.
 """
 from pathlib import Path
 

@@ -52,11 +52,13 @@ class NoKvmError(UserError):
 def read_input(path, what: str = "file", errors: str = "strict") -> str:
     """The text of a file the user named, or a one-line NoInputError."""
     try:
-        return Path(path).read_text(errors=errors)
+        return Path(path).read_text(encoding="utf-8", errors=errors)
     except FileNotFoundError:
         raise NoInputError(f"{path}: no such {what}") from None
     except OSError as e:
         raise NoInputError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def read_toml(path, what: str = "file") -> dict:
@@ -65,3 +67,7 @@ def read_toml(path, what: str = "file") -> dict:
         return tomllib.loads(read_input(path, what))
     except tomllib.TOMLDecodeError as e:
         raise BadInputError(f"{path}: not valid TOML: {e}") from None
+    except ValueError as e:        # a number past int()'s digit limit
+        raise BadInputError(f"{path}: not valid TOML: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise BadInputError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None

@@ -59,6 +59,7 @@ class Record:
         return asdict(self)
 
 
+_MAX_DIGITS = 20       # a u64: priority, sequence number and timestamp all fit
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 # The header's shape, loose enough to catch malformed numbers so that they can
 # be reported instead of the line being mistaken for console text.
@@ -69,13 +70,20 @@ def _unescape(data: bytes) -> str:
     return _ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), data).decode("utf-8", "replace")
 
 
+def _encode(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")     # the bytes a lossy decode stood for
+    except UnicodeEncodeError:                             # other lone surrogates: no bytes behind them
+        return text.encode("utf-8", "replace")
+
+
 def _looks_like_kmsg(line: str) -> bool:
     return _KMSG_HEAD.match(line) is not None
 
 
 def parse_kmsg_record(data: bytes | str, where: str = "record") -> Record:
     """Parse one /dev/kmsg record (header line plus ` KEY=value` lines)."""
-    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape")
+    raw = data if isinstance(data, bytes) else _encode(data)
     head, _, rest = raw.partition(b"\n")
     head_text = head.decode("utf-8", "replace")
     m = _KMSG_HEAD.match(head_text)
@@ -84,9 +92,12 @@ def parse_kmsg_record(data: bytes | str, where: str = "record") -> Record:
                                    f"{head_text[:60]!r}")
     numbers = []
     for name, value in zip(("priority", "sequence number", "timestamp"), m.groups()[:3]):
-        if not value.isdigit():
-            raise KernelLogFormatError(f"{where}: malformed /dev/kmsg record: {name} {value!r} "
+        if not (value.isascii() and value.isdigit()):
+            raise KernelLogFormatError(f"{where}: malformed /dev/kmsg record: {name} {value[:30]!r} "
                                        "is not a number")
+        if len(value) > _MAX_DIGITS:
+            raise KernelLogFormatError(f"{where}: malformed /dev/kmsg record: {name} {value[:30]!r}... "
+                                       "is out of range")
         numbers.append(int(value))
     prio, seq, ts_us = numbers
     message = _unescape(head[head.index(b";") + 1:])
@@ -165,7 +176,7 @@ def _count_gap(out: Drained, last_seq: int | None, next_seq: int | None) -> None
 
 # `[  12.345678]`, `[12.3][T123]`, `[ 2352.930426] [  T53909]` and dmesg -r's `<4>` before it.
 _CONSOLE_PREFIX = re.compile(
-    r"^(?:<(?P<prio>\d+)>)?\[\s*(?P<sec>\d+)\.(?P<frac>\d+)\](?:\s?\[\s*[TC]\d+\])?\s?")
+    r"^(?:<(?P<prio>\d{1,9})>)?\[\s*(?P<sec>\d{1,20})\.(?P<frac>\d+)\](?:\s?\[\s*[TC]\d+\])?\s?")
 
 
 def _parse_console_line(number: int, line: str) -> Record:
