@@ -11,8 +11,6 @@
  */
 #include "guest.h"
 
-#define MISBEHAVE_VEC 0x21   /* X's CPL3 -> CPL0 gate (a test hook) */
-
 extern u64 boot_pml4[512];
 extern u64 gdt_tss[];
 extern char _end[];
@@ -41,7 +39,7 @@ struct trapframe {
 };
 
 static struct tss tss[MAX_CPUS];
-static struct idt_entry idt[MISBEHAVE_VEC + 1];
+static struct idt_entry idt[NESTED_VEC + 1];
 static char ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
 u64 pt_next;                     /* page-table page allocator (BSP, CPL0) */
 static u64 pt_end;
@@ -136,7 +134,6 @@ ISR_DECL(0) ISR_DECL(1) ISR_DECL(2) ISR_DECL(3) ISR_DECL(4) ISR_DECL(5) ISR_DECL
 ISR_DECL(8) ISR_DECL(9) ISR_DECL(10) ISR_DECL(11) ISR_DECL(12) ISR_DECL(13) ISR_DECL(14) ISR_DECL(15)
 ISR_DECL(16) ISR_DECL(17) ISR_DECL(18) ISR_DECL(19) ISR_DECL(20) ISR_DECL(21)
 extern void nested_gate(void);
-static void misbehave_cpl0(u64 kind) __attribute__((noreturn));
 static void (*const isrs[22])(void) = {
 	isr0, isr1, isr2, isr3, isr4, isr5, isr6, isr7, isr8, isr9, isr10,
 	isr11, isr12, isr13, isr14, isr15, isr16, isr17, isr18, isr19, isr20, isr21,
@@ -161,10 +158,6 @@ static void cpu_tables(u32 cpu)
 		/* N's way back to CPL0 (SVM instructions need it): a DPL3 gate */
 		set_idt(NESTED_VEC, nested_gate);
 		idt[NESTED_VEC].type = 0xee;
-		/* X's way to CPL0. A gate leaves rsp where a call would: a
-		 * function that never returns can be the handler itself. */
-		set_idt(MISBEHAVE_VEC, (void (*)(void))misbehave_cpl0);
-		idt[MISBEHAVE_VEC].type = 0xee;
 	}
 	__asm__ volatile("lidt %0" :: "m"(idtr));
 	__asm__ volatile("ltr %w0" :: "r"(0x30 + 16 * cpu));
@@ -276,6 +269,13 @@ u64 read_pass(u64 first, u64 n)
 }
 
 /* ---- X: a test hook, the guest misbehaving on purpose (protocol.h) ---------------- */
+/* X's way to CPL0 is a #UD at misbehave_ud, which trap() recognises: PVM
+ * answers `int n` at CPL3 with #UD anyway, but delivers real exceptions. */
+extern char misbehave_ud[];
+__asm__(".pushsection .text\nmisbehave_ud: ud2\n.popsection");
+static u64 misbehave_kind;
+
+static void misbehave_cpl0(u64 kind) __attribute__((noreturn));
 static void misbehave_cpl0(u64 kind)
 {
 	if (kind == 4) {
@@ -294,7 +294,8 @@ static void misbehave(u64 cpu, u64 kind)
 	switch (kind) {
 	case 0:
 	case 4:
-		__asm__ volatile("int %[vec]" :: "D"(kind), [vec] "i"(MISBEHAVE_VEC) : "memory");
+		misbehave_kind = kind;
+		__asm__ volatile("jmp misbehave_ud" ::: "memory");
 		break;
 	case 1:
 		for (;; i++) {
@@ -448,6 +449,8 @@ void trap(struct trapframe *f)
 		f->rip = fixup_rip;
 		return;
 	}
+	if (f->vec == 6 && (f->cs & 3) && f->rip == (u64)misbehave_ud)
+		misbehave_cpl0(misbehave_kind);
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
 	__asm__ volatile("str %0" : "=r"(tr));
 	u64 cpu = (u64)(tr - 0x30) / 16;

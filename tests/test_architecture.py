@@ -9,7 +9,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "runner" / "kvmsplit"
 
 # Lower layers never import higher ones; packages of one rank stay apart.
-RANK = {"": 0, "vmm": 1, "kernellog": 1, "tracing": 1, "host": 2, "runs": 3, "report": 4, "kernel": 4,
+RANK = {"": 0, "vmm": 1, "kernellog": 1, "tracing": 1, "host": 2, "syscalls": 2, "runs": 3, "report": 4, "kernel": 4,
         "scenario": 5, "selftests": 5, "cli": 6}
 
 # module -> why its function-level import cannot be at the top (none today;

@@ -23,6 +23,7 @@ from kvmsplit.scenario.backend import ScenarioBackend
 from kvmsplit.scenario.engine import RunOptions
 from kvmsplit.scenario.expectation import expect
 from kvmsplit.scenario.model import Scenario, check_fits_host, default_suite, load_file, select
+from kvmsplit.vmm.guest import ucall
 
 
 def chosen_scenarios(args) -> tuple[list[Scenario], HostFacts]:
@@ -67,12 +68,25 @@ def run_scenarios(args, scenarios: list[Scenario], facts: HostFacts, *, what: st
     return finish(args, rr, out, table)
 
 
+def _misbehave(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    kind, _, phase = value.partition(":")
+    try:
+        ucall.cmd_misbehave(kind)
+    except ValueError as e:
+        raise UsageError(f"--inject-misbehave: {e}") from None
+    if not phase:
+        raise UsageError("--inject-misbehave: expected KIND:PHASE, e.g. flood:dirty-1")
+    return kind, phase
+
+
 def cmd_run(args) -> int:
     scenarios, facts = chosen_scenarios(args)
     opts = RunOptions(expect=args.expect, accept_user_log=args.accept_user_log,
                       phase_timeout=args.phase_timeout, inject_eio=args.inject_eio,
                       inject_hang=args.inject_hang, inject_bug=args.inject_bug, trace=not args.no_trace,
-                      inject_l2_fault=args.inject_l2_fault)
+                      inject_l2_fault=args.inject_l2_fault, inject_misbehave=_misbehave(args.inject_misbehave))
     return run_scenarios(args, scenarios, facts, what="running", options=opts)
 
 
@@ -94,4 +108,5 @@ def add_parsers(sub) -> None:
     sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
     sp.add_argument("--inject-bug", metavar="PHASE", help=argparse.SUPPRESS)
     sp.add_argument("--inject-l2-fault", metavar="PHASE", help=argparse.SUPPRESS)
+    sp.add_argument("--inject-misbehave", metavar="KIND:PHASE", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)

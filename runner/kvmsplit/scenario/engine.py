@@ -45,6 +45,7 @@ class RunOptions:
     inject_hang: str | None = None      # the guest hangs in this phase (tests)
     inject_bug: str | None = None       # kvmsplit itself raises in this phase (tests: a bug can't be had on demand)
     inject_l2_fault: str | None = None  # nested: L2 touches memory L1 never mapped for it, in this phase (tests)
+    inject_misbehave: tuple[str, str] | None = None     # (kind, phase): the guest misbehaves there (tests)
     on_phase: Callable[[str, str], None] | None = None
     trace: bool = True                  # the tracepoint witness (--no-trace turns it off: UNCONFIRMED)
 
@@ -264,9 +265,12 @@ class ScenarioRun:
         """Send each vCPU its command, wait for every DONE."""
         hang = self.opt.inject_hang == self.cur_phase
         fault = self.opt.inject_l2_fault == self.cur_phase and self.s.is_nested
+        bad = self.opt.inject_misbehave
+        odd = bad is not None and bad[1] == self.cur_phase
         with self.in_kernel():
             for c in range(self.s.vcpus):
-                self.machine.send(c, ucall.CMD_HANG if hang else L2_FAULT if fault else make_cmd(c))
+                self.machine.send(c, ucall.cmd_misbehave(bad[0]) if bad and odd else ucall.CMD_HANG if hang
+                                  else L2_FAULT if fault else make_cmd(c))
             return [self.machine.expect(c, "DONE", self._timeout(), f"{kind} in phase {self.cur_phase}")
                     for c in range(self.s.vcpus)]
 

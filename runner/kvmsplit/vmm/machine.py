@@ -6,6 +6,12 @@ vCPU threads match on the typed exits Vcpu.run() returns and turn them into
 events on one queue. A vCPU that never comes back out of KVM_RUN is kicked
 with a signal plus `immediate_exit`, so a hung guest costs a timeout, never a
 hung runner.
+
+A broken guest costs bounded memory: a line ends at ucall.MAX_LINE bytes, lines
+outside the protocol are only counted (and kept in the console), the console
+keeps the last CONSOLE_LINES lines, the event queue holds EVENTS_MAX events (a
+vCPU that outruns the controller waits, as behind a UART's flow control), and
+more than BACKLOG_MAX lines nobody asked for are a GuestError.
 """
 from __future__ import annotations
 
@@ -44,6 +50,10 @@ SYS_GPA = 0
 LSR_DATA_READY = 0x01
 LSR_THR_EMPTY = 0x60
 
+CONSOLE_LINES = 1000     # Machine.console keeps the last this many (up to twice as many) lines
+EVENTS_MAX = 1024        # lines and deaths not yet taken by expect()
+BACKLOG_MAX = 16         # per vCPU: protocol lines expect() has not been asked for yet
+
 
 class GuestError(Exception):
     """The guest stopped, crashed or said something it should not have."""
@@ -81,6 +91,7 @@ class _VcpuState:
     inbox: queue.Queue[bytes] = field(default_factory=queue.Queue)
     pending: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
+    stray_lines: int = 0     # lines outside the protocol (and cut over-long ones)
     thread: threading.Thread | None = None
     # Time inside KVM_RUN: (seconds of the runs that returned, start of the run
     # in flight or None). Replaced whole, only by this vCPU's thread, so another
@@ -110,9 +121,11 @@ class Machine:
         self.kvm = kvm
         self.vm = kvm.create_vm()
         self.vm.fault = fault
-        # (tag, vcpu id, payload): "line" GuestLine|None, "dead" str, "vmbugged" VmBugged
-        self.events: queue.Queue[tuple[str, int, Any]] = queue.Queue()
-        self.console: list[str] = []           # every line the guest printed
+        # (tag, vcpu id, payload): "line" GuestLine, "dead" str, "vmbugged" VmBugged
+        self.events: queue.Queue[tuple[str, int, Any]] = queue.Queue(EVENTS_MAX)
+        self.console: list[str] = []           # the guest's last lines (CONSOLE_LINES..2x)
+        self.console_dropped = 0               # older lines no longer in `console`
+        self._last_stray: tuple[int, str] = (0, "")
         self._backlog: list[ucall.GuestLine] = []
         self.slots: dict[int, Slot] = {}
         self._mems: list[GuestMemory] = []
@@ -178,10 +191,12 @@ class Machine:
             if gl.cpu == cpu and gl.kind == kind:
                 return self._backlog.pop(i)
         deadline = time.monotonic() + timeout
+        stray0 = self.stray_lines()
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise GuestTimeout(f"guest cpu {cpu} did not answer {what or kind} within {timeout:.0f}s")
+                raise GuestTimeout(f"guest cpu {cpu} did not answer {what or kind} within {timeout:.0f}s"
+                                   + self._stray_note(stray0))
             try:
                 ev = self.events.get(timeout=left)
             except queue.Empty:
@@ -198,10 +213,25 @@ class Machine:
                 if gl.cpu == cpu and gl.kind == kind:
                     return gl
                 self._backlog.append(gl)   # another vCPU's answer: keep it for its expect()
+                n = sum(1 for b in self._backlog if b.cpu == gl.cpu)
+                if n > BACKLOG_MAX:
+                    raise GuestError(f"guest cpu {gl.cpu} sent {n} lines nobody asked for "
+                                     f"(waiting for cpu {cpu}'s {what or kind}), the last: {gl.text!r}", gl)
             elif tag == "vmbugged":
                 raise ev[2]
             elif tag == "dead":
                 raise GuestError(ev[2])
+
+    def stray_lines(self) -> int:
+        """Lines outside the protocol the guest has written so far, all vCPUs."""
+        return sum(st.stray_lines for st in self.cpus)
+
+    def _stray_note(self, since: int) -> str:
+        n = self.stray_lines() - since
+        if n <= 0:
+            return ""
+        cpu, text = self._last_stray
+        return f"; it wrote {n} lines outside the protocol meanwhile, the last (cpu {cpu}): {text!r}"
 
     # -- time inside KVM_RUN ----------------------------------------------------------
     def kvm_run_seconds_by_cpu(self) -> list[float]:
@@ -220,7 +250,14 @@ class Machine:
 
     # -- vCPU threads ---------------------------------------------------------------
     def _event(self, tag: str, vcpu_id: int, payload: Any) -> None:
-        self.events.put((tag, vcpu_id, payload))
+        # a full queue holds this vCPU back until the controller catches up or stops it
+        while True:
+            try:
+                self.events.put((tag, vcpu_id, payload), timeout=0.05)
+                return
+            except queue.Full:
+                if self._stop.is_set():
+                    return
 
     def _vcpu_loop(self, st: _VcpuState) -> None:
         v = st.vcpu
@@ -274,7 +311,8 @@ class Machine:
             if io.port == ucall.COM1:
                 self._uart_out(st, bytes(io.data))
             elif io.port == ucall.EXIT_PORT:
-                return f"vcpu {st.vcpu.id}: guest exited with code {io.data[0]:#x}"
+                part = f" after half a line: {st.outbuf[:80].decode(errors='replace')!r}" if st.outbuf else ""
+                return f"vcpu {st.vcpu.id}: guest exited with code {io.data[0]:#x}{part}"
             return None
         if io.port == ucall.COM1_LSR:
             for i in range(io.count):
@@ -299,12 +337,31 @@ class Machine:
 
     def _uart_out(self, st: _VcpuState, data: bytes) -> None:
         st.outbuf += data
-        while b"\n" in st.outbuf:
-            raw, _, rest = st.outbuf.partition(b"\n")
+        if b"\n" in data:
+            *lines, rest = st.outbuf.split(b"\n")
             st.outbuf = bytearray(rest)
-            text = raw.decode(errors="replace").rstrip("\r")
-            self.console.append(text)
-            self._event("line", st.vcpu.id, ucall.parse_line(text))
+            for raw in lines:
+                self._guest_line(st, raw)
+        while len(st.outbuf) > ucall.MAX_LINE:    # no newline in sight: not the protocol
+            self._guest_line(st, bytes(st.outbuf[:ucall.MAX_LINE]), cut=True)
+            del st.outbuf[:ucall.MAX_LINE]
+
+    def _guest_line(self, st: _VcpuState, raw: bytes | bytearray, cut: bool = False) -> None:
+        long = cut or len(raw) > ucall.MAX_LINE
+        text = raw[:ucall.MAX_LINE].decode(errors="replace").rstrip("\r")
+        gl = None if long else ucall.parse_line(text)
+        if long:
+            text += f" [cut: over {ucall.MAX_LINE} bytes without a newline]"
+        self.console.append(text)
+        if len(self.console) >= 2 * CONSOLE_LINES:
+            n = len(self.console) - CONSOLE_LINES
+            del self.console[:n]
+            self.console_dropped += n
+        if gl is None:
+            st.stray_lines += 1
+            self._last_stray = (st.vcpu.id, text[:100])
+            return
+        self._event("line", st.vcpu.id, gl)
 
     def _harvest_ring(self, v: Vcpu) -> None:
         assert v.ring is not None, "a ring-full exit without a dirty ring"

@@ -14,6 +14,10 @@ MARKER_TAG = 0x4B56
 PAGE_SHIFT = 12
 PAGE_SHIFTS = {"4k": 12, "2m": 21, "1g": 30}
 PATTERNS = {"seq": 0, "random": 1}
+# every KIND a guest line can have; a line with another is not the protocol (stray output)
+KINDS = frozenset({"HELLO", "MAPPED", "READY", "DONE", "ERR", "EXC", "NESTED", "L2EXIT"})
+# the guest's line buffer is 160 bytes: anything this long without a newline is not the protocol
+MAX_LINE = 4096
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,8 @@ class GuestLine:
 
 
 def parse_line(text: str) -> GuestLine | None:
-    """Parse '@<cpu> KIND args...'; None for anything else (stray output)."""
+    """Parse '@<cpu> KIND args...' with a KIND of KINDS; None for anything
+    else (stray output)."""
     if not text.startswith("@"):
         return None
     parts = text.split()
@@ -36,7 +41,7 @@ def parse_line(text: str) -> GuestLine | None:
         cpu = int(parts[0][1:], 16)
     except ValueError:
         return None
-    if len(parts) < 2:
+    if len(parts) < 2 or parts[1] not in KINDS:
         return None
     return GuestLine(cpu, parts[1], tuple(parts[2:]), text)
 
@@ -59,6 +64,29 @@ def cmd_read(first: int, npages: int) -> str:
 
 CMD_HANG = "H\n"       # nested: L2 spins
 CMD_QUIT = "Q\n"
+
+# -- X: a test hook, the guest misbehaving on purpose (protocol.h) -----------------------
+MISBEHAVIOURS = {
+    "cpl3-spin": None,          # H: spins at CPL3
+    "cpl0-spin": 0,             # spins at CPL0 with interrupts off (emulated on PVM)
+    "garbage": 1,               # random bytes on COM1
+    "stray-lines": 2,           # lines that are not the protocol
+    "long-line": 3,             # one endless line, no newline
+    "triple-fault": 4,          # null IDT at CPL0, then ud2: KVM exits SHUTDOWN
+    "exit-mid-pass": 5,         # writes half the region and half a DONE line, then exits MISBEHAVE_EXIT
+    "flood": 6,                 # megabytes of non-protocol lines
+    "flood-protocol": 7,        # READY lines nobody asked for, without end
+}
+MISBEHAVE_EXIT = 0x7E
+
+
+def cmd_misbehave(kind: str) -> str:
+    """The command that makes the guest misbehave as `kind` (a MISBEHAVIOURS key).
+    Not in nested mode, where L1 answers X with ERR."""
+    if kind not in MISBEHAVIOURS:
+        raise ValueError(f"unknown misbehaviour {kind!r}: one of {', '.join(MISBEHAVIOURS)}")
+    code = MISBEHAVIOURS[kind]
+    return CMD_HANG if code is None else f"X {code:x}\n"
 
 
 # -- nested mode: the guest becomes an SVM L1 and L2 runs W/R/F/H under NPT ------------
