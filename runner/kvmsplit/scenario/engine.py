@@ -22,7 +22,7 @@ from kvmsplit.scenario.model import DirtyMode, Scenario
 from kvmsplit.scenario.observations import Observations
 from kvmsplit.scenario.verdict import HUGE_SIZES, Judgement, judge
 from kvmsplit.scenario.witness import Witness
-from kvmsplit.tracing import TraceSession
+from kvmsplit.tracing import TraceSession, TracingUnavailable
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.kvm import FaultInjector, KvmIoctlError, VmBugged, uapi
 from kvmsplit.vmm.machine import GuestError, GuestTimeout, Machine
@@ -79,7 +79,6 @@ class ScenarioRun:
         self.vm_bugged: str | None = None
         self.error: str | None = None
         self.not_testable: str | None = None   # found out only once the guest ran (no SVM for L1)
-        self.nested: str | None = None         # the guest's NESTED line
         self.kernel_s = 0.0
         self.host_huge_bytes: int | None = None
         self.sys_mem = 0
@@ -119,8 +118,7 @@ class ScenarioRun:
             raise
         finally:
             self._teardown()      # before the guard stops: a WARNING at VM teardown counts
-            if self.trace is not None:
-                self.trace.close()
+            self._close_trace()
             r.kernel_log = guard.stop().to_dict()
             r.duration_s = time.monotonic() - t0
         if self.not_testable:
@@ -134,6 +132,14 @@ class ScenarioRun:
         self.trace = self.witness.session() if self.witness else None
         if self.trace is None:
             self.trace_unavailable = self.witness.unavailable if self.witness else "no trace witness was set up"
+
+    def _close_trace(self) -> None:
+        if self.trace is None:
+            return
+        try:
+            self.trace.close()
+        except TracingUnavailable as e:     # never mask how the scenario ended; the next run cleans up
+            self.res.extra["trace_cleanup"] = e.reason
 
     def observations(self) -> Observations:
         """Everything the verdict needs, frozen."""
@@ -328,7 +334,7 @@ class ScenarioRun:
         """The guest turns L1 hypervisor; from now on an L2 under its NPT does the passes."""
         self.machine.send(0, ucall.cmd_nested(ucall.PAGE_SHIFTS[self.s.l2_page]))
         try:
-            self.nested = self.machine.expect(0, "NESTED", self._timeout(), "NESTED").text
+            self.res.extra["l1"] = self.machine.expect(0, "NESTED", self._timeout(), "NESTED").text
         except GuestError as e:
             why = ucall.svm_unavailable(e.line) if e.line is not None else None
             if why is None:
