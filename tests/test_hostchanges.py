@@ -101,3 +101,23 @@ def test_killed_run_is_restored_by_the_next(writable_pool, tmp_path):
     assert journal.exists()
     restored = recover_stale(journal)
     assert restored and pool() == writable_pool and not journal.exists()
+
+
+def test_a_second_run_waits_for_the_pool_lock_or_with_no_wait_refuses(writable_pool, tmp_path, capfd):
+    import threading
+    import time
+
+    from kvmsplit.host.changes import pool_lock
+    nr = POOL + "nr_hugepages"
+    with pool_lock(nr):
+        why = HostChanges(journal=tmp_path / "a.json", wait=False).ensure_hugepages(2048, free() + 2)
+        assert why == "another kvmsplit run is changing the hugepages-2048kB pool (--no-wait)"
+        hc = HostChanges(journal=tmp_path / "b.json")
+        got = []
+        t = threading.Thread(target=lambda: got.append(hc.ensure_hugepages(2048, free() + 2)))
+        t.start()
+        time.sleep(0.3)
+        assert t.is_alive() and not got            # it waits while the lock is held
+    t.join(10)
+    assert got == [None] and "waiting for another kvmsplit run" in capfd.readouterr().err
+    hc.restore()

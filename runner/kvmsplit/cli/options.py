@@ -61,6 +61,9 @@ def add_run_options(parser: argparse.ArgumentParser, default_output: str) -> Non
     parser.add_argument("--output", "-o", metavar="DIR", help=f"write results here (default {default_output})")
     parser.add_argument("--no-host-changes", action="store_true",
                         help="never grow hugetlb pools; skip scenarios that would need it")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="if another kvmsplit run is changing a hugetlb pool, skip the scenario "
+                             "instead of waiting for it")
     parser.add_argument("--accept-user-log", action="store_true",
                         help="also treat user-written /dev/kmsg lines as kernel reports (for testing kvmsplit)")
     parser.add_argument("--allow-unchecked", action="store_true",

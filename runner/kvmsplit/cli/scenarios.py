@@ -63,7 +63,7 @@ def run_scenarios(args, scenarios: list[Scenario], facts: HostFacts, *, what: st
           f"paging {facts.paging}, tdp_mmu={_yn(facts.param('tdp_mmu'))}, "
           f"eager_page_split={_yn(facts.param('eager_page_split'))}; results in {out}/", file=sys.stderr)
     rr = run_items(ScenarioBackend(scenarios, facts, options), facts, out,
-                   allow_host_changes=not args.no_host_changes, argv=sys.argv,
+                   allow_host_changes=not args.no_host_changes, wait_for_host=not args.no_wait, argv=sys.argv,
                    on_result=lambda i, r: progress.result(r), sinks=default_sinks(args, series))
     return finish(args, rr, out, table)
 

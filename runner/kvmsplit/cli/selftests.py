@@ -47,7 +47,7 @@ def run_cases(args, cases: list[SelftestCase], *, what: str = "", series: dict |
     say(f"{what + ' ' if what else ''}{len(cases)} KVM selftest scenario(s) from {b.version} on "
         f"{facts.kernel_release}; results in {out}/")
     rr = runner.run_selftests(cases, b, facts, out, allow_host_changes=not args.no_host_changes,
-                              accept_user_log=args.accept_user_log, argv=sys.argv,
+                              wait_for_host=not args.no_wait, accept_user_log=args.accept_user_log, argv=sys.argv,
                               on_start=lambda c: progress.phase(c.name, "running"),
                               on_result=lambda i, r: progress.result(r), sinks=default_sinks(args, series))
     return finish(args, rr, out, selftest_table)

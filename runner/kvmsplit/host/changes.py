@@ -52,18 +52,25 @@ def _lock_dir() -> Path:
 
 
 @contextmanager
-def pool_lock(nr_path: Path | str):
+def pool_lock(nr_path: Path | str, wait: bool = True):
     """One kvmsplit at a time reads, decides and writes a given pool; a second
-    one says that it waits (the first holds the lock for milliseconds)."""
+    one says that it waits (the first holds the lock for milliseconds), or
+    with wait=False (--no-wait) refuses."""
     name = Path(nr_path).parent.name
     with open(_lock_dir() / f"kvmsplit-{name}.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise PoolBusy(f"another kvmsplit run is changing the {name} pool (--no-wait)") from None
             print(f"kvmsplit: waiting for another kvmsplit run to finish changing the {name} pool",
                   file=sys.stderr)
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+class PoolBusy(Exception):
+    """--no-wait, and another run holds the pool's lock."""
 
 
 @contextmanager
@@ -91,8 +98,9 @@ def _mem_available() -> int | None:
 
 
 class HostChanges:
-    def __init__(self, allowed: bool = True, journal: Path | None = None):
+    def __init__(self, allowed: bool = True, journal: Path | None = None, wait: bool = True):
         self.allowed = allowed
+        self.wait = wait
         self.journal = journal or journal_dir() / f"{os.getpid()}-{next(_counter)}.json"
         self.added: dict[str, int] = {}        # pool path -> pages this HostChanges added
         self.log: list[str] = []
@@ -105,23 +113,29 @@ class HostChanges:
         if not nr.exists():
             return f"this kernel has no {size_kb // 1024}M hugetlb pool"
         label = f"{size_kb // 1024}M"
-        with pool_lock(nr):
-            free = self._unreserved(size_kb)
-            if free >= count:
-                return None
-            need = count - free
-            if not self.allowed:
-                return (f"hugetlb {label} pool has {free} free pages, {count} needed, and host "
-                        "changes are not allowed (--no-host-changes)")
-            if not os.access(nr, os.W_OK):
-                return f"hugetlb {label} pool has {free} free pages, {count} needed, and {nr} is not writable"
-            why = self._too_big(need, size_kb, label)
-            if why:
-                return why
-            self._grow(nr, need, label)
-            if self._unreserved(size_kb) < count:
-                return (f"hugetlb {label} pool could only grow to {_read_int(nr)} pages, {count} free "
-                        "needed (memory too fragmented or too small)")
+        try:
+            with pool_lock(nr, self.wait):
+                return self._ensure(nr, size_kb, count, label)
+        except PoolBusy as e:
+            return str(e)
+
+    def _ensure(self, nr: Path, size_kb: int, count: int, label: str) -> str | None:
+        free = self._unreserved(size_kb)
+        if free >= count:
+            return None
+        need = count - free
+        if not self.allowed:
+            return (f"hugetlb {label} pool has {free} free pages, {count} needed, and host "
+                    "changes are not allowed (--no-host-changes)")
+        if not os.access(nr, os.W_OK):
+            return f"hugetlb {label} pool has {free} free pages, {count} needed, and {nr} is not writable"
+        why = self._too_big(need, size_kb, label)
+        if why:
+            return why
+        self._grow(nr, need, label)
+        if self._unreserved(size_kb) < count:
+            return (f"hugetlb {label} pool could only grow to {_read_int(nr)} pages, {count} free "
+                    "needed (memory too fragmented or too small)")
         return None
 
     @staticmethod

@@ -40,7 +40,7 @@ class Backend(Protocol):
 
 
 def run_items(backend: Backend, facts: HostFacts, outdir: Path, *,
-              allow_host_changes: bool = True, argv: list[str] | None = None,
+              allow_host_changes: bool = True, wait_for_host: bool = True, argv: list[str] | None = None,
               on_result: Callable[[int, ScenarioResult], None] | None = None,
               sinks: Sequence[ResultSink] = ()) -> RunResult:
     rr = RunResult(host=facts.to_dict(), argv=list(argv if argv is not None else sys.argv),
@@ -50,7 +50,7 @@ def run_items(backend: Backend, facts: HostFacts, outdir: Path, *,
     notify(sinks, "started", rr, outdir)
     current = None
     try:
-        with HostChanges(allowed=allow_host_changes) as host:
+        with HostChanges(allowed=allow_host_changes, wait=wait_for_host) as host:
             rr.host_changes = host.log
             for i in range(len(rr.scenarios)):
                 current = i

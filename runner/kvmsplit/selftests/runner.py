@@ -91,11 +91,12 @@ class SelftestBackend:
 
 
 def run_selftests(cases: list[SelftestCase], build: SelftestBuild, facts: HostFacts, outdir: Path, *,
-                  allow_host_changes: bool = True, accept_user_log: bool = False,
+                  allow_host_changes: bool = True, wait_for_host: bool = True, accept_user_log: bool = False,
                   argv: list[str] | None = None,
                   on_start: Callable[[SelftestCase], None] | None = None,
                   on_result: Callable[[int, ScenarioResult], None] | None = None,
                   sinks: Sequence[ResultSink] = ()) -> RunResult:
     backend = SelftestBackend(cases, build, facts, outdir, accept_user_log=accept_user_log, on_start=on_start)
-    return run_items(backend, facts, outdir, allow_host_changes=allow_host_changes, argv=argv,
+    return run_items(backend, facts, outdir, allow_host_changes=allow_host_changes, wait_for_host=wait_for_host,
+                     argv=argv,
                      on_result=on_result, sinks=sinks)
