@@ -130,10 +130,13 @@ def _build(d: dict, where: str) -> Scenario:
         k = unknown[0]
         close = difflib.get_close_matches(k, list(_FIELDS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(_FIELDS)})"
-        raise BadInputError(f"{where}: unknown key '{k}'{hint}")
+        raise BadInputError(f"{where}: unknown key {k!r}{hint}")
     if "name" not in d:
         raise BadInputError(f"{where}: missing 'name'")
     try:
+        for k in ("name", "guest_page", "pattern", "expect", "nested", "l2_page", "backing", "dirty_mode"):
+            if k in d and not isinstance(d[k], str):
+                raise ValueError(f"{k}: expected a string, got {d[k]!r}")
         if "backing" in d:
             d["backing"] = _enum(Backing, d["backing"], "backing")
         if "dirty_mode" in d:
@@ -148,8 +151,8 @@ def _build(d: dict, where: str) -> Scenario:
             raise ValueError(f"phase_timeout: expected seconds, got {d['phase_timeout']!r}")
         s = Scenario(**d)
         validate(s)
-    except ValueError as e:
-        raise BadInputError(f"{where} '{d.get('name')}': {e}") from None
+    except (ValueError, TypeError) as e:
+        raise BadInputError(f"{where} {d.get('name')!r}: {e}") from None
     return s
 
 
@@ -207,16 +210,20 @@ def load_file(path: str | Path) -> list[Scenario]:
     doc = read_toml(p, "scenario file")
     extra = [k for k in doc if k not in ("defaults", "scenario")]
     if extra:
-        raise BadInputError(f"{p}: unknown top-level key '{extra[0]}' (expected [defaults] and [[scenario]])")
+        raise BadInputError(f"{p}: unknown top-level key {extra[0]!r} (expected [defaults] and [[scenario]])")
     defaults = doc.get("defaults", {})
     items = doc.get("scenario", [])
+    if not isinstance(defaults, dict):
+        raise BadInputError(f"{p}: [defaults] must be a table")
     if not isinstance(items, list) or not items:
         raise BadInputError(f"{p}: no [[scenario]] tables")
     out, seen = [], set()
     for i, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise BadInputError(f"{p}: scenario #{i} is not a table")
         s = _build({**defaults, **item}, f"{p}: scenario #{i}")
         if s.name in seen:
-            raise BadInputError(f"{p}: scenario #{i}: duplicate name '{s.name}'")
+            raise BadInputError(f"{p}: scenario #{i}: duplicate name {s.name!r}")
         seen.add(s.name)
         out.append(s)
     return out
