@@ -2,7 +2,7 @@
 #   make run    set up, then run the default suite on this host
 #   make test   set up, then run the test suite
 # Extra arguments: make run ARGS="-k thp/2m"   make test ARGS="-k dirty"
-.PHONY: run test lint setup bench soak clean
+.PHONY: run test lint setup bench soak fuzz clean
 
 setup:
 	@scripts/bootstrap.sh run
@@ -20,6 +20,10 @@ lint:
 
 soak: setup
 	KVMSPLIT_SOAK_N=500 .venv/bin/python -m pytest -s -p no:cacheprovider tests/test_soak.py $(ARGS)
+
+fuzz:
+	@scripts/bootstrap.sh test
+	KVMSPLIT_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest -p no:cacheprovider tests/test_fuzz.py $(ARGS)
 
 bench: setup
 	.venv/bin/python bench/bench_bitmap_thp.py $(ARGS)

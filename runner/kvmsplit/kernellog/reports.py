@@ -426,6 +426,11 @@ def _stable_title(title: str) -> str:
     return " ".join(title.split())[:_MAX_TITLE].rstrip()
 
 
+def _line_number(text: str | None) -> int | None:
+    # a line number past any source file's (int() refuses thousands of digits)
+    return int(text) if text is not None and len(text) <= 9 else None
+
+
 def _build(span: _Span, lines: list[str], raw_lines: list[str], seqs: list[int]) -> Report:
     rtype = span.rtype
     body = lines[span.header + 1:span.end + 1]
@@ -440,7 +445,7 @@ def _build(span: _Span, lines: list[str], raw_lines: list[str], seqs: list[int])
     # syzkaller's word for a report whose frames could not be read
     title = rtype.title.format_map(defaultdict(str, fields, func=func or "corrupted"))
     return Report(type=rtype.name, title=_stable_title(title), file=fields.get("file"),
-                  line=int(fields["line"]) if "line" in fields else None, function=func,
+                  line=_line_number(fields.get("line")), function=func,
                   frames=st.first, raw="\n".join(raw_lines[span.start:span.end + 1]),
                   seqs=list(dict.fromkeys(seqs[span.start:span.end + 1])))
 

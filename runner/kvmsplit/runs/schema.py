@@ -16,6 +16,7 @@ from kvmsplit.errors import BadInputError, read_input
 from kvmsplit.runs.results import RunResult
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
+_MAX_SHOWN = 200        # characters of a value quoted in an error
 
 
 @cache
@@ -25,10 +26,20 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 def validate(data: dict, where: str = "results") -> None:
     """Raise BadInputError naming the first offending place in data."""
-    err = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    try:
+        err = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    except RecursionError:      # the messages quote values: repr() of one nested too deeply
+        raise BadInputError(f"{where}: not kvmsplit results: arrays or objects nested too deeply") from None
     if err is not None:
-        at = "/".join(str(p) for p in err.absolute_path) or "top level"
-        raise BadInputError(f"{where}: not kvmsplit results: at {at}: {err.message}")
+        at = _shown("/".join(str(p) for p in err.absolute_path)) or "top level"
+        raise BadInputError(f"{where}: not kvmsplit results: at {at}: {_shown(err.message)}")
+
+
+def _shown(text: str) -> str:
+    """Text from the file, for a one-line message: escaped, and cut short (the
+    message quotes the offending value, which may be the whole file)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
 
 
 def from_json(data: dict, where: str = "results") -> RunResult:
@@ -49,4 +60,8 @@ def load_results(path: str | Path) -> RunResult:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadInputError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except ValueError as e:         # a number past int()'s digit limit
+        raise BadInputError(f"{p}: not valid JSON: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise BadInputError(f"{p}: not kvmsplit results: arrays or objects nested too deeply") from None
     return from_json(data, str(p))

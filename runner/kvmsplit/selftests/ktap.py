@@ -22,6 +22,8 @@ PLAN_RE = re.compile(r"1\.\.(\S*?)(?:\s*#\s*(.*))?$")
 RESULT_RE = re.compile(r"(not ok|ok)(?=\s|$)(.*)$")
 RESULT_REST_RE = re.compile(r"\s+(\d+)(?:\s+([^#]*?))?\s*(?:#\s*(.*))?$")
 DIRECTIVES = ("SKIP", "TODO", "XFAIL", "TIMEOUT", "ERROR")
+MAX_DIGITS = 9      # test numbers and plans: a billion tests is past any real suite
+MAX_DEPTH = 32      # subtest levels (KUnit nests two or three)
 
 
 class KtapError(ValueError):
@@ -86,6 +88,8 @@ def _parse_result(m: re.Match, lineno: int) -> KtapResult:
     rest = RESULT_REST_RE.fullmatch(m.group(2))
     if not rest:
         raise KtapError(lineno, f"result line without a test number: '{m.group(0)}'")
+    if len(rest.group(1)) > MAX_DIGITS:
+        raise KtapError(lineno, f"test number {rest.group(1)[:20]}... out of range")
     number, desc, comment = int(rest.group(1)), (rest.group(2) or "").strip(), rest.group(3)
     directive, diag = None, (comment or "").strip()
     if comment is not None:
@@ -139,6 +143,8 @@ def parse(text: str) -> KtapDoc | None:
                 raise KtapError(lineno, f"subtests (from line {sub.opened_at}) not followed by "
                                         "their parent's result line")
         elif ind > stack[-1].indent:
+            if len(stack) > MAX_DEPTH:
+                raise KtapError(lineno, f"subtests nested more than {MAX_DEPTH} levels deep")
             stack.append(_Level(ind, KtapDoc(), lineno))
         level = stack[-1]
         doc = level.doc
@@ -150,8 +156,10 @@ def parse(text: str) -> KtapDoc | None:
                 raise KtapError(lineno, f"bad version number in '{body}'")
             doc.version = body
         elif plan:
-            if not plan.group(1).isdigit():
+            if not (plan.group(1).isascii() and plan.group(1).isdigit()):
                 raise KtapError(lineno, f"bad plan '{body}': expected 1..N")
+            if len(plan.group(1)) > MAX_DIGITS:
+                raise KtapError(lineno, f"plan 1..{plan.group(1)[:20]}... out of range")
             if doc.plan is not None:
                 raise KtapError(lineno, f"second plan (the first is at line {level.plan_line})")
             n = int(plan.group(1))
@@ -161,7 +169,7 @@ def parse(text: str) -> KtapDoc | None:
             comment = (plan.group(2) or "").strip()
             if comment.upper().startswith("SKIP"):
                 doc.skip_reason = _skip_text(comment[4:])
-        else:
+        elif result:
             r = _parse_result(result, lineno)
             want = len(doc.results) + 1
             if r.number != want:

@@ -21,6 +21,7 @@ A combination is named after the test and its matrix arguments, e.g.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ DEFAULT_MANIFEST = REPO_ROOT / "kselftests" / "manifest.toml"
 ENTRY_KEYS = ("test", "about", "args", "matrix", "timeout", "requires", "hugepages")
 DEFAULT_KEYS = ("timeout",)
 HUGEPAGE_SIZES = {"2M": 2048, "1G": 1048576}
+MAX_COMBINATIONS = 10_000   # scenarios one [[test]] may expand to
 
 
 def _hw(facts: HostFacts) -> str:
@@ -115,19 +117,21 @@ def expand(doc: dict, where: str) -> list[SelftestCase]:
     """The cases of a parsed manifest, every matrix combination one case."""
     extra = [k for k in doc if k not in ("defaults", "test")]
     if extra:
-        raise BadInputError(f"{where}: unknown top-level key '{extra[0]}' (expected [defaults] and [[test]])")
+        raise BadInputError(f"{where}: unknown top-level key {extra[0]!r} (expected [defaults] and [[test]])")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         raise BadInputError(f"{where}: [defaults] must be a table")
     bad = [k for k in defaults if k not in DEFAULT_KEYS]
     if bad:
-        raise BadInputError(f"{where}: [defaults]: unknown key '{bad[0]}' (expected {', '.join(DEFAULT_KEYS)})")
+        raise BadInputError(f"{where}: [defaults]: unknown key {bad[0]!r} (expected {', '.join(DEFAULT_KEYS)})")
     entries = doc.get("test", [])
     if not isinstance(entries, list) or not entries:
         raise BadInputError(f"{where}: no [[test]] tables")
     out: list[SelftestCase] = []
     first_at: dict[str, int] = {}
     for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise BadInputError(f"{where}: test #{i} must be a [[test]] table, got {entry!r}")
         for case in _entry({**defaults, **entry}, f"{where}: test #{i}"):
             if case.name in first_at:
                 raise BadInputError(f"{where}: test #{i}: scenario '{case.name}' already comes from "
@@ -140,7 +144,7 @@ def expand(doc: dict, where: str) -> list[SelftestCase]:
 def _entry(e: dict, where: str) -> list[SelftestCase]:
     bad = [k for k in e if k not in ENTRY_KEYS]
     if bad:
-        raise BadInputError(f"{where}: unknown key '{bad[0]}' (expected {', '.join(ENTRY_KEYS)})")
+        raise BadInputError(f"{where}: unknown key {bad[0]!r} (expected {', '.join(ENTRY_KEYS)})")
     test = e.get("test")
     if not isinstance(test, str) or not re.fullmatch(r"[\w./-]+", test) or test.startswith("/") \
             or ".." in test.split("/"):
@@ -154,14 +158,14 @@ def _entry(e: dict, where: str) -> list[SelftestCase]:
     timeout = e.get("timeout")
     if timeout is None:
         raise BadInputError(f"{where}: no 'timeout' (and none in [defaults])")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise BadInputError(f"{where}: 'timeout' must be a positive number of seconds, got {timeout!r}")
     requires = e.get("requires", [])
     if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
         raise BadInputError(f"{where}: 'requires' must be a list of names, got {requires!r}")
     unknown = [r for r in requires if r not in REQUIREMENTS]
     if unknown:
-        raise BadInputError(f"{where}: unknown requirement '{unknown[0]}' "
+        raise BadInputError(f"{where}: unknown requirement {unknown[0]!r} "
                             f"(known: {', '.join(REQUIREMENTS)})")
     hugepages = e.get("hugepages", {})
     if not isinstance(hugepages, dict) or any(
@@ -187,10 +191,13 @@ def _combinations(matrix, where: str) -> list[list[str]]:
     axes = []
     for opt, values in matrix.items():
         if not opt.startswith("-"):
-            raise BadInputError(f"{where}: matrix key '{opt}' is not an option (it must start with '-')")
+            raise BadInputError(f"{where}: matrix key {opt!r} is not an option (it must start with '-')")
         if not isinstance(values, list) or not values or not all(
                 isinstance(v, (str, int, bool)) for v in values):
-            raise BadInputError(f"{where}: matrix '{opt}' must be a non-empty list of values "
+            raise BadInputError(f"{where}: matrix {opt!r} must be a non-empty list of values "
                                 f"(strings, numbers, or true/false for a bare flag)")
         axes.append([[] if v is False else [opt] if v is True else [opt, str(v)] for v in values])
+    if math.prod(len(a) for a in axes) > MAX_COMBINATIONS:
+        raise BadInputError(f"{where}: the matrix makes {math.prod(len(a) for a in axes)} combinations "
+                            f"(at most {MAX_COMBINATIONS})")
     return [list(itertools.chain.from_iterable(c)) for c in itertools.product(*axes)]

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field
 from kvmsplit.runs.results import Phase
 
 ASSERT_HEADER = "==== Test Assertion Failure ===="
-_WHERE_RE = re.compile(r"\s+(?P<file>[^\s:]+):(?P<line>\d+): (?P<expr>.*)$")
-_PID_RE = re.compile(r"\s+pid=(?P<pid>\d+) tid=(?P<tid>\d+) errno=(?P<errno>-?\d+) - (?P<text>.*)$")
+# Numbers are bounded: int() refuses thousands of digits, and no real one has more than ten.
+_WHERE_RE = re.compile(r"\s+(?P<file>[^\s:]+):(?P<line>\d{1,10}): (?P<expr>.*)$")
+_PID_RE = re.compile(r"\s+pid=(?P<pid>\d{1,10}) tid=(?P<tid>\d{1,10}) errno=(?P<errno>-?\d{1,10}) - (?P<text>.*)$")
 # "     3\t0x0000000000402f9a: run_test at dirty_log_perf_test.c:289",
 # "     6\t0x00007f124543a249: ?? ??:0" where addr2line knows nothing, and
 # "     2\t (inlined by) run_test at dirty_log_test.c:803" with no address
-_FRAME_RE = re.compile(r"\s+(?P<n>\d+)\s+(?:(?P<addr>0x[0-9a-fA-F]+):|(?P<inl>\(inlined by\)))"
+_FRAME_RE = re.compile(r"\s+(?P<n>\d{1,10})\s+(?:(?P<addr>0x[0-9a-fA-F]+):|(?P<inl>\(inlined by\)))"
                        r" (?P<func>\S+)(?: at | )(?P<loc>.*)$")
 
 # "Populate memory time: 0.263s", "Total guest execution time:\t0.5s",
@@ -85,7 +86,7 @@ def parse_assertion(text: str) -> AssertionFailure | None:
     start = next((i for i, ln in enumerate(lines) if ln.strip() == ASSERT_HEADER), None)
     if start is None:
         return None
-    block = []
+    block: list[str] = []
     for ln in lines[start:]:
         if block and ln.strip() == ASSERT_HEADER:
             break                       # a second thread's assertion: keep the first

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sqlite3
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvmsplit.errors import BadInputError, NoInputError
+from kvmsplit.errors import BadInputError, NoInputError, UsageError
 from kvmsplit.paths import data_dir
 from kvmsplit.runs.digest import headline, host_name, kernel_release, kind, reports
 from kvmsplit.runs.history.migrate import LATEST, ensure_latest
@@ -16,6 +17,35 @@ from kvmsplit.runs.results import RunResult, ScenarioResult, json_default
 from kvmsplit.runs.schema import from_json
 
 DB_VERSION = LATEST     # PRAGMA user_version of the layout this kvmsplit writes
+DEFAULT_TIMEOUT = 30.0  # seconds to wait for another kvmsplit's write lock (KVMSPLIT_DB_TIMEOUT)
+
+
+def default_timeout() -> float:
+    text = os.environ.get("KVMSPLIT_DB_TIMEOUT")
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"KVMSPLIT_DB_TIMEOUT={text!r}: expected seconds to wait for the history's lock")
+    return value
+
+
+def _one_line(e: Exception) -> str:
+    """SQLite's message, which may quote a (multi-line) CREATE statement, on one line."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _decode(text, where: str):
+    """A JSON column of a stored run, or a one-line error where it is corrupt."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise BadInputError(f"{where}: history database unusable: stored JSON unreadable "
+                            f"({type(e).__name__})") from None
 
 
 def default_db() -> Path:
@@ -71,8 +101,10 @@ class Sample:
 
 
 class History:
-    def __init__(self, path: Path | str | None = None):
+    def __init__(self, path: Path | str | None = None, timeout: float | None = None):
         self.path = Path(path) if path else default_db()
+        # how long to wait for a lock another process holds, then fail
+        self.timeout = default_timeout() if timeout is None else timeout
 
     @property
     def exists(self) -> bool:
@@ -86,18 +118,27 @@ class History:
         or a reader racing a writer, wait for each other instead of failing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+            with closing(sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)) as db:
                 db.execute("PRAGMA foreign_keys = ON")
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     ensure_latest(db, self.path)
                     yield db
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:   # SQLite may have rolled back already (corruption, I/O error)
+                        db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
-            raise BadInputError(f"{self.path}: history database unusable: {e}") from None
+        except sqlite3.OperationalError as e:
+            code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF      # extended codes too; some have none
+            if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise BadInputError(f"{self.path}: history database locked by another process "
+                                    f"(waited {self.timeout:g} s; see KVMSPLIT_DB_TIMEOUT)") from None
+            raise BadInputError(f"{self.path}: history database unusable: {_one_line(e)}") from None
+        except sqlite3.Error as e:
+            raise BadInputError(f"{self.path}: history database unusable: {_one_line(e)}") from None
+        except UnicodeDecodeError:
+            raise BadInputError(f"{self.path}: history database unusable: stored text is not UTF-8") from None
 
     # -- writing ---------------------------------------------------------------------
     def add_run(self, rr: RunResult, outdir: Path | None = None) -> int:
@@ -161,7 +202,8 @@ class History:
                     if limit is not None and len(rows) >= limit:
                         break
                     row = rows[pk] = RunRow(pk, run_id, h, kernel, started, finished, bool(intr),
-                                            json.loads(series) if series else None, outdir, {})
+                                            _decode(series, f"{self.path}: run {pk}") if series else None,
+                                            outdir, {})
                 if verdict:
                     row.counts[verdict] = n
         return list(rows.values())
@@ -174,7 +216,11 @@ class History:
             if row is None:
                 raise NoInputError(f"no run {pk} in {self.path} (see `kvmsplit history`)")
             scen = db.execute("SELECT result FROM scenarios WHERE run = ? ORDER BY idx", (pk,))
-            data = {**json.loads(row[0]), "scenarios": [json.loads(s) for (s,) in scen]}
+            where = f"{self.path}: run {pk}"
+            head = _decode(row[0], where)
+            if not isinstance(head, dict):
+                raise BadInputError(f"{where}: history database unusable: the stored run is not an object")
+            data = {**head, "scenarios": [_decode(s, where) for (s,) in scen]}
         return from_json(data, f"{self.path}: run {pk}")
 
     def find(self, run_id: str) -> int | None:
@@ -198,7 +244,8 @@ class History:
                 " JOIN runs r ON r.id = p.run"
                 " WHERE r.host = ? AND s.name = ? AND s.params = ? AND r.started < ?",
                 (host, sr.name, _params(sr), before)).fetchall()
-        return [Sample((run_id, started), kernel, json.loads(series) if series else None, phase, dur)
+        return [Sample((run_id, started), kernel, _decode(series, f"{self.path}: run {run_id}") if series else None,
+                       phase, dur)
                 for run_id, started, kernel, series, phase, dur in rows]
 
     def run_source(self, pk: int) -> str:
