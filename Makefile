@@ -23,7 +23,7 @@ soak: setup
 
 fuzz:
 	@scripts/bootstrap.sh test
-	KVMSPLIT_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest -p no:cacheprovider tests/test_fuzz.py $(ARGS)
+	KVMSPLIT_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest -p no:cacheprovider --timeout=0 tests/test_fuzz.py $(ARGS)
 
 bench: setup
 	.venv/bin/python bench/bench_bitmap_thp.py $(ARGS)
