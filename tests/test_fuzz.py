@@ -23,7 +23,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,9 +56,10 @@ RESULTS = TESTS / "report" / "data" / "results.json"
 
 EXAMPLES = int(os.environ.get("KVMSPLIT_FUZZ_EXAMPLES", "100"))
 CLI_EXAMPLES = int(os.environ.get("KVMSPLIT_FUZZ_CLI_EXAMPLES", "4"))
-# Hypothesis keeps caches in ./.hypothesis; not in the checkout
+# Hypothesis keeps its example database in ./.hypothesis; not in the checkout, and not in /tmp
+# either: in the tests' own cache (conftest.py points KVMSPLIT_CACHE_DIR there), kept between runs
 set_hypothesis_home_dir(os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY")
-                        or Path(tempfile.gettempdir()) / f"kvmsplit-hypothesis-{os.getuid()}")
+                        or Path(os.environ["KVMSPLIT_CACHE_DIR"]) / "hypothesis")
 
 
 def fuzz(share: float = 1.0, n: int | None = None):
