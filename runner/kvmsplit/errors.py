@@ -8,7 +8,9 @@ the request (2/69).
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1          # something ran and did not pass (FAIL, ERROR, or a scenario that never ran)
@@ -61,13 +63,19 @@ def read_input(path, what: str = "file", errors: str = "strict") -> str:
         raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def read_toml(path, what: str = "file") -> dict:
-    """A TOML file the user named, parsed, or a one-line error naming it."""
+def read_parsed(path, what: str, loads: Callable[[str], Any], fmt: str) -> Any:
+    """A file the user named, parsed by `loads` (tomllib.loads, json.loads), or
+    one line saying where and why it is not valid `fmt`."""
+    text = read_input(path, what)
     try:
-        return tomllib.loads(read_input(path, what))
-    except tomllib.TOMLDecodeError as e:
-        raise BadInputError(f"{path}: not valid TOML: {e}") from None
-    except ValueError as e:        # a number past int()'s digit limit
-        raise BadInputError(f"{path}: not valid TOML: {str(e).split(';')[0]}") from None
+        return loads(text)
     except RecursionError:
-        raise BadInputError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+        raise BadInputError(f"{path}: not valid {fmt}: nested too deeply") from None
+    except ValueError as e:     # the decoders' errors, and a number past int()'s digit limit
+        line = getattr(e, "lineno", None)
+        msg = getattr(e, "msg", None) or str(e).split(";")[0]
+        raise BadInputError(f"{path}{f':{line}' if line else ''}: not valid {fmt}: {msg}") from None
+
+
+def read_toml(path, what: str = "file") -> dict:
+    return read_parsed(path, what, tomllib.loads, "TOML")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jsonschema
 
-from kvmsplit.errors import BadInputError, read_input
+from kvmsplit.errors import BadInputError, read_parsed
 from kvmsplit.runs.results import RunResult
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
@@ -55,13 +55,4 @@ def results_path(path: str | Path) -> Path:
 
 def load_results(path: str | Path) -> RunResult:
     p = results_path(path)
-    text = read_input(p, "results file")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
-    except ValueError as e:         # a number past int()'s digit limit
-        raise BadInputError(f"{p}: not valid JSON: {str(e).split(';')[0]}") from None
-    except RecursionError:
-        raise BadInputError(f"{p}: not kvmsplit results: arrays or objects nested too deeply") from None
-    return from_json(data, str(p))
+    return from_json(read_parsed(p, "results file", json.loads, "JSON"), str(p))
