@@ -743,3 +743,13 @@ def test_cli_report(scratch, text):
 def test_cli_usage_exit_code():
     r = kvmsplit("history", "--db", "x.sqlite", env={"KVMSPLIT_DB_TIMEOUT": "soon"})
     assert_one_error(r, EXIT_USAGE)
+
+
+def test_a_history_row_whose_check_status_was_garbled_is_one_line(scratch, real_db):
+    """Found by test_history_damaged: a byte flip turned a check's "pass" into " ass", which the
+    schema let through and the model refused with a traceback."""
+    db = fresh(scratch / "status.sqlite", real_db)
+    with sqlite3.connect(db) as c:
+        c.execute("""UPDATE scenarios SET result = replace(result, '"status": "pass"', '"status": " ass"')""")
+    c.close()
+    open_history(db)
