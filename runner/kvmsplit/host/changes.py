@@ -13,7 +13,6 @@ is stale. Journals of live processes are left alone.
 """
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
@@ -21,9 +20,10 @@ import signal
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from kvmsplit.locks import locked
 from kvmsplit.paths import cache_dir
 
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
@@ -57,15 +57,14 @@ def pool_lock(nr_path: Path | str, wait: bool = True):
     one says that it waits (the first holds the lock for milliseconds), or
     with wait=False (--no-wait) refuses."""
     name = Path(nr_path).parent.name
-    with open(_lock_dir() / f"kvmsplit-{name}.lock", "w") as f:
+
+    def say() -> None:
+        print(f"kvmsplit: waiting for another kvmsplit run to finish changing the {name} pool", file=sys.stderr)
+    with ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stack.enter_context(locked(_lock_dir() / f"kvmsplit-{name}.lock", wait=wait, waiting=say))
         except BlockingIOError:
-            if not wait:
-                raise PoolBusy(f"another kvmsplit run is changing the {name} pool (--no-wait)") from None
-            print(f"kvmsplit: waiting for another kvmsplit run to finish changing the {name} pool",
-                  file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            raise PoolBusy(f"another kvmsplit run is changing the {name} pool (--no-wait)") from None
         yield
 
 

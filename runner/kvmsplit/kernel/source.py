@@ -7,16 +7,15 @@ KVM selftests (selftests/build.py).
 """
 from __future__ import annotations
 
-import fcntl
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvmsplit.errors import BadInputError, NoInputError, UnavailableError
+from kvmsplit.locks import locked
 
 DEBIAN_SOURCES = Path("/usr/src")
 COMPLETE = ".complete"       # in an extraction: it finished
@@ -54,17 +53,6 @@ def find_debian_source(root: Path = DEBIAN_SOURCES, *, trees: bool = True) -> Pa
 
 
 # -- the cache ------------------------------------------------------------------------------
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on the file `path` (created if missing): one
-    kvmsplit at a time builds or extracts into what it guards. The kernel
-    drops the lock when a holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def extract_tarball(tarball: Path, dest_root: Path, parts: Sequence[str] | None = None,
                     say: Callable[[str], None] | None = None, *, strip_top: bool = False,
                     prepare: Callable[[Path], None] | None = None) -> Path:
