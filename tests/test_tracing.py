@@ -251,8 +251,17 @@ for private in (False, True):
 
 
 def _as(prefix):
-    r = subprocess.run([*prefix, sys.executable, "-c", SNIPPET.format(runner=str(REPO / "runner"))],
-                       capture_output=True, text=True, timeout=60, cwd="/")
+    """Run SNIPPET under `prefix` (another user, fewer capabilities). The package is copied to a
+    directory anyone may read: a checkout can sit under a 0700 directory (`mktemp -d`)."""
+    runner = Path(tempfile.mkdtemp(prefix="kvmsplit-test-runner-"))
+    try:
+        os.chmod(runner, 0o755)
+        shutil.copytree(REPO / "runner" / "kvmsplit", runner / "kvmsplit",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        r = subprocess.run([*prefix, sys.executable, "-c", SNIPPET.format(runner=str(runner))],
+                           capture_output=True, text=True, timeout=60, cwd="/")
+    finally:
+        shutil.rmtree(runner, ignore_errors=True)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
 
