@@ -43,6 +43,9 @@ class DirtyMode(StrEnum):
 
 
 EXPECTATIONS = ("auto", "eager", "lazy", "none")
+BACKENDS = ("kvm", "qemu")            # kvmsplit's own VMM on /dev/kvm, or qemu-system-x86_64 -accel kvm
+# how the QEMU backend drives dirty logging: the way QEMU users meet it
+QEMU_FLOWS = ("migrate", "migrate-cancel", "dirty-rate")
 NESTED = ("none", "svm", "auto")      # auto: the nested flavour this host offers (SVM today; VMX: see README)
 GUEST_PAGE_SIZES = {k: 1 << v for k, v in PAGE_SHIFTS.items()}
 
@@ -66,6 +69,8 @@ class Scenario:
     phase_timeout: float | None = None
     nested: str = "none"              # none, svm or auto: the writes come from an L2 under L1's NPT
     l2_page: str = "2m"               # page size of L1's nested page tables for L2's test region
+    backend: str = "kvm"              # kvm: kvmsplit's VMM; qemu: qemu-system-x86_64 -accel kvm
+    qemu_flow: str = "migrate"        # backend qemu: migrate, migrate-cancel or dirty-rate
 
     @property
     def is_nested(self) -> bool:
@@ -87,6 +92,8 @@ class Scenario:
             # a plain scenario's parameters stay what they were: the history
             # matches "the same scenario" across versions by them
             del d["nested"], d["l2_page"]
+        if self.backend == "kvm":
+            del d["backend"], d["qemu_flow"]
         return d
 
     @classmethod
@@ -134,7 +141,8 @@ def _build(d: dict, where: str) -> Scenario:
     if "name" not in d:
         raise BadInputError(f"{where}: missing 'name'")
     try:
-        for k in ("name", "guest_page", "pattern", "expect", "nested", "l2_page", "backing", "dirty_mode"):
+        for k in ("name", "guest_page", "pattern", "expect", "nested", "l2_page", "backing", "dirty_mode",
+                  "backend", "qemu_flow"):
             if k in d and not isinstance(d[k], str):
                 raise ValueError(f"{k}: expected a string, got {d[k]!r}")
         if "backing" in d:
@@ -171,6 +179,14 @@ def validate(s: Scenario) -> None:
         raise ValueError(f"pattern: unknown value {s.pattern!r} (one of: {', '.join(PATTERNS)})")
     if s.nested not in NESTED:
         raise ValueError(f"nested: unknown value {s.nested!r} (one of: {', '.join(NESTED)})")
+    if s.backend not in BACKENDS:
+        raise ValueError(f"backend: unknown value {s.backend!r} (one of: {', '.join(BACKENDS)})")
+    if s.qemu_flow not in QEMU_FLOWS:
+        raise ValueError(f"qemu_flow: unknown value {s.qemu_flow!r} (one of: {', '.join(QEMU_FLOWS)})")
+    if s.backend == "qemu" and s.vcpus != 1:
+        raise ValueError(f"vcpus: the QEMU backend runs one vCPU (one COM1 for the protocol), got {s.vcpus}")
+    if s.backend == "qemu" and s.memslots != 1:
+        raise ValueError(f"memslots: the QEMU backend maps the test region as one DIMM, got {s.memslots}")
     if s.l2_page not in GUEST_PAGE_SIZES:
         raise ValueError(f"l2_page: unknown value {s.l2_page!r} (one of: 4k, 2m, 1g)")
     if s.is_nested and s.vcpus != 1:
