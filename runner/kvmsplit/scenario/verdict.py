@@ -52,10 +52,11 @@ def judge(obs: Observations, exp: Expectation) -> Judgement:
     observed, split = _split(obs, exp)
     checks = [_huge_before(obs, exp), split, _dirty_log(obs), _memory(obs), _recovery(obs, exp),
               kernel_log_check(obs.kernel_log), _alive(obs), witness_check(obs, exp), _stats(obs)]
-    return _verdict(obs, checks, observed)
+    return decide(obs, checks, observed)
 
 
-def _verdict(obs: Observations, checks: list[Check], observed: str | None) -> Judgement:
+def decide(obs: Observations, checks: list[Check], observed: str | None) -> Judgement:
+    """One verdict from the checks (a backend that adds or replaces checks decides with this too)."""
     fails = [c.summary for c in checks if c.status is S.FAIL]
     if obs.vm_bugged:
         # the VM is dead: name the kernel report that killed it, first
