@@ -51,6 +51,13 @@ def add_selection(parser: argparse.ArgumentParser, source: str = "--scenario") -
                             help="the selftests to run (default: kselftests/manifest.toml)")
 
 
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("kvm", "qemu"),
+                        help="the VMM: kvm (kvmsplit's own on /dev/kvm; the default) or qemu "
+                             "(qemu-system-x86_64 -accel kvm: live migration, calc-dirty-rate); "
+                             "overrides scenario files' backend")
+
+
 def add_expect(parser: argparse.ArgumentParser, help: str = "override the host rule's split expectation") -> None:
     parser.add_argument("--expect", choices=("eager", "lazy", "none"), help=help)
 

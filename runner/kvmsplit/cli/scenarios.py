@@ -7,6 +7,7 @@ import sys
 from kvmsplit import __version__
 from kvmsplit.cli.console import Progress, table
 from kvmsplit.cli.options import (
+    add_backend,
     add_expect,
     add_phase_timeout,
     add_run_options,
@@ -23,6 +24,7 @@ from kvmsplit.scenario.backend import ScenarioBackend
 from kvmsplit.scenario.engine import RunOptions
 from kvmsplit.scenario.expectation import expect
 from kvmsplit.scenario.model import Scenario, check_fits_host, default_suite, load_file, select
+from kvmsplit.scenario.qemu import as_qemu, qemu_suite
 from kvmsplit.vmm.guest import ucall
 
 
@@ -31,10 +33,21 @@ def chosen_scenarios(args) -> tuple[list[Scenario], HostFacts]:
     is reported even where /dev/kvm is missing."""
     base = [s for f in args.scenario or [] for s in load_file(f)]
     facts = host_facts()
-    chosen = select(base or default_suite(facts), args.k)
+    chosen = select(base or _default(facts, args), args.k)
+    if getattr(args, "backend", None) == "qemu":
+        chosen = [as_qemu(s) for s in chosen]
     if not chosen:
         raise UsageError(f"no scenario matches -k {' '.join(args.k or [])}")
     return chosen, facts
+
+
+def _default(facts: HostFacts, args) -> list[Scenario]:
+    suite = default_suite(facts)
+    if getattr(args, "backend", None) != "qemu":
+        return suite
+    # -k picks from the whole default suite; without it, the QEMU set
+    return [as_qemu(s) for s in suite if s.vcpus == 1 and s.memslots == 1 and not s.is_nested] \
+        if args.k else qemu_suite(suite)
 
 
 def cmd_list(args) -> int:
@@ -43,6 +56,7 @@ def cmd_list(args) -> int:
         e = expect(s, facts, args.expect)
         when = f"@{e.when}" if e.when else ""
         nested = f" nested={s.nested} l2_page={s.l2_page}" if s.is_nested else ""
+        nested += f" qemu/{s.qemu_flow}" if s.backend == "qemu" else ""
         print(f"{s.name:44} {s.size >> 20:>6}M vcpus={s.vcpus} slots={s.memslots} "
               f"{s.pattern}/{s.percent}% passes={s.passes}{nested}  expect {e.split}{when}")
     return EXIT_OK
@@ -93,11 +107,13 @@ def cmd_run(args) -> int:
 def add_parsers(sub) -> None:
     sp = sub.add_parser("list", help="list the scenarios a run would run, with their expectation")
     add_selection(sp)
+    add_backend(sp)
     add_expect(sp)
     sp.set_defaults(func=cmd_list)
 
     sp = sub.add_parser("run", help="run scenarios and judge them")
     add_selection(sp)
+    add_backend(sp)
     add_expect(sp)
     add_run_options(sp, "results/<time>")
     add_phase_timeout(sp)

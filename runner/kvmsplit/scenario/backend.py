@@ -1,4 +1,5 @@
-"""kvmsplit's own scenarios as a run-loop backend (runs.loop.Backend)."""
+"""kvmsplit's own scenarios as a run-loop backend (runs.loop.Backend): each on
+the VMM it names, kvmsplit's own on /dev/kvm or QEMU (scenario/qemu.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ from kvmsplit.host.facts import HostFacts
 from kvmsplit.runs.results import RunResult, ScenarioResult
 from kvmsplit.scenario.engine import RunOptions, ScenarioRun
 from kvmsplit.scenario.model import Scenario
+from kvmsplit.scenario.qemu import QemuHooks, QemuScenarioRun
 from kvmsplit.scenario.witness import Witness
 from kvmsplit.vmm.guest.build import guest_image
 from kvmsplit.vmm.kvm import Kvm
@@ -17,8 +19,9 @@ class ScenarioBackend:
     kind = "scenario"
 
     def __init__(self, scenarios: list[Scenario], facts: HostFacts, options: RunOptions | None = None,
-                 image: Path | None = None):
+                 image: Path | None = None, qemu_hooks: QemuHooks | None = None):
         self.scenarios, self.facts = scenarios, facts
+        self.qemu_hooks = qemu_hooks
         self.options = options or RunOptions()
         self.image = image or guest_image()
         self.kvm = Kvm()
@@ -28,6 +31,11 @@ class ScenarioBackend:
         return [(s.name, s.to_dict()) for s in self.scenarios]
 
     def run_one(self, index: int, host: HostChanges, rr: RunResult) -> ScenarioResult:
+        if self.scenarios[index].backend == "qemu":
+            q = QemuScenarioRun(self.scenarios[index], self.facts, self.image, host, self.options,
+                                self.witness, self.qemu_hooks)
+            rr.scenarios[index] = q.res
+            return q.run()
         run = ScenarioRun(self.scenarios[index], self.facts, self.image, host, self.kvm, self.options,
                           self.witness)
         rr.scenarios[index] = run.res      # so an interrupt records the phase
