@@ -259,6 +259,91 @@ u64 write_pass(u64 pass, u64 pattern, u64 pct, u64 seed, u64 first, u64 n)
 	return written;
 }
 
+/* ---- W's write routes (protocol.h, WV_*): the same pages and markers as write_pass(),
+ * written so that KVM's instruction emulator does the stores. At CPL0 (the CPL0
+ * route) where the host emulates guest kernel code (PVM), or behind the forced-
+ * emulation prefix (KVM_FEP: ud2; .ascii "kvm") where kvm.force_emulation_prefix
+ * is set. WV_STRING: each run of up to STRING_PAGES consecutive selected pages
+ * a..b is first written by ONE rep stosq or rep movsq (alternately) covering
+ * [a, b) whole and b's first qword with STRING_FILL(pass), then each page's
+ * first qword gets its marker: the pages written are exactly the selected ones,
+ * and a page the pass has touched starts with its marker or the fill. */
+#define KVM_FEP "ud2; .byte 0x6b, 0x76, 0x6d; "   /* the kernel selftests' KVM_FEP */
+static u64 string_src[STRING_PAGES * 512 + 1];      /* what rep movsq copies: STRING_FILL(pass) */
+
+static inline void store(volatile u64 *p, u64 v, int fep)
+{
+	if (fep)
+		__asm__ volatile(KVM_FEP "movq %1, %0" : "=m"(*p) : "r"(v));
+	else
+		*p = v;
+}
+
+static void string_write(u64 dst, u64 qwords, u64 fill, int movs, int fep)
+{
+	u64 src = (u64)string_src;
+	if (movs && fep)
+		__asm__ volatile(KVM_FEP "rep movsq" : "+D"(dst), "+S"(src), "+c"(qwords) :: "memory");
+	else if (movs)
+		__asm__ volatile("rep movsq" : "+D"(dst), "+S"(src), "+c"(qwords) :: "memory");
+	else if (fep)
+		__asm__ volatile(KVM_FEP "rep stosq" : "+D"(dst), "+c"(qwords) : "a"(fill) : "memory");
+	else
+		__asm__ volatile("rep stosq" : "+D"(dst), "+c"(qwords) : "a"(fill) : "memory");
+}
+
+static int selected(u64 pass, u64 pattern, u64 pct, u64 seed, u64 first, u64 n, u64 i)
+{
+	return pattern == 0 ? (i - first) < (n * pct + 99) / 100
+			    : mix64(seed ^ (pass << 40) ^ i) % 100 < pct;
+}
+
+u64 write_pass_via(u64 pass, u64 pattern, u64 pct, u64 seed, u64 first, u64 n, u64 how)
+{
+	volatile u64 *base = (volatile u64 *)region_base;
+	int fep = (how & WV_ROUTE) == WV_FEP;
+	u64 written = 0, runs = 0, fill = STRING_FILL(pass);
+	if (how & WV_STRING)
+		for (u64 i = 0; i < sizeof(string_src) / 8; i++)
+			string_src[i] = fill;
+	for (u64 i = first; i < first + n;) {
+		if (!selected(pass, pattern, pct, seed, first, n, i)) {
+			i++;
+			continue;
+		}
+		u64 k = 1;
+		if (how & WV_STRING) {
+			while (k < STRING_PAGES && i + k < first + n && selected(pass, pattern, pct, seed, first, n, i + k))
+				k++;
+			string_write((u64)&base[i << (PAGE_SHIFT - 3)], 512 * (k - 1) + 1, fill, runs++ & 1, fep);
+		}
+		for (u64 j = i; j < i + k; j++)
+			store(&base[j << (PAGE_SHIFT - 3)], (u64)MARKER_TAG << 48 | pass << 32 | j, fep);
+		written += k;
+		i += k;
+	}
+	return written;
+}
+
+/* The CPL0 route: CPL3 calls cpl0_call() (a ud2 that trap() recognises, as X's
+ * way down: PVM answers `int n` at CPL3 with #UD); trap() runs the job at CPL0
+ * on this cpu's kernel stack and returns past the ud2. */
+static struct { u64 a[7], result; } cpl0_jobs[MAX_CPUS];
+extern char cpl0_call_ud[];
+void cpl0_call(void);
+__asm__(".pushsection .text\ncpl0_call:\ncpl0_call_ud: ud2\n\tret\n.popsection");
+
+static u64 write_pass_routed(u64 cpu, const u64 *a, u64 how)
+{
+	if ((how & WV_ROUTE) != WV_CPL0)
+		return write_pass_via(a[0], a[1], a[2], a[3], a[4], a[5], how);
+	for (int i = 0; i < 6; i++)
+		cpl0_jobs[cpu].a[i] = a[i];
+	cpl0_jobs[cpu].a[6] = how;
+	cpl0_call();
+	return cpl0_jobs[cpu].result;
+}
+
 u64 read_pass(u64 first, u64 n)
 {
 	volatile u64 *base = (volatile u64 *)region_base;
@@ -333,22 +418,26 @@ static void umain(u64 cpu)
 {
 	struct line l;
 	char cmd[128];
-	u64 a[6];
+	u64 a[7];
 
 	l_start(&l, cpu, "READY");
 	l_send(&l);
 	for (;;) {
 		read_line(cmd, sizeof(cmd));
-		int n = parse_hex(cmd + 1, a, 6);
+		int n = parse_hex(cmd + 1, a, 7);
 		switch (cmd[0]) {
-		case 'W':
-			if (n != 6 || a[4] + a[5] > region_pages || a[2] > 100)
+		case 'W': {
+			u64 how = n == 7 ? a[6] : WV_NATIVE;
+			if ((n != 6 && n != 7) || a[4] + a[5] > region_pages || a[2] > 100
+			    || how & ~(WV_ROUTE | WV_STRING) || (how & WV_ROUTE) > WV_FEP)
 				break;
 			l_start(&l, cpu, "DONE W");
 			l_hex(&l, a[0]);
-			l_hex(&l, write_pass(a[0], a[1], a[2], a[3], a[4], a[5]));
+			l_hex(&l, how == WV_NATIVE ? write_pass(a[0], a[1], a[2], a[3], a[4], a[5])
+						   : write_pass_routed(cpu, a, how));
 			l_send(&l);
 			continue;
+		}
 		case 'R':
 			if (n != 2 || a[0] + a[1] > region_pages)
 				break;
@@ -454,6 +543,12 @@ void trap(struct trapframe *f)
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
 	__asm__ volatile("str %0" : "=r"(tr));
 	u64 cpu = (u64)(tr - 0x30) / 16;
+	if (f->vec == 6 && (f->cs & 3) && f->rip == (u64)cpl0_call_ud) {
+		u64 *a = cpl0_jobs[cpu].a;
+		cpl0_jobs[cpu].result = write_pass_via(a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
+		f->rip += 2;    /* past the ud2, to its ret, back at CPL3 */
+		return;
+	}
 	l_start(&l, cpu, "EXC");
 	l_hex(&l, f->vec);
 	l_hex(&l, f->err);

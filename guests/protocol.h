@@ -19,7 +19,16 @@
  *                                          every command but Q with ERR
  * host -> guest (one line, '\n' terminated):
  *   M <gpa> <size> <shift>                 map the test region with 4K/2M/1G (12/15/1e) pages
- *   W <pass> <pattern> <pct> <seed> <first> <npages>   write pass (pattern 0 seq, 1 random)
+ *   W <pass> <pattern> <pct> <seed> <first> <npages> [<how>]   write pass (pattern 0 seq, 1 random);
+ *                                          how (WV_*, default 0): bits 0-1 the route: 0 native stores
+ *                                          at CPL3, 1 the pass runs at CPL0 (emulated by PVM-style
+ *                                          hosts), 2 every store behind the forced-emulation prefix
+ *                                          (kvm.force_emulation_prefix); bit 2 (string): each run of
+ *                                          up to STRING_PAGES consecutive selected pages a..b is first
+ *                                          written by one rep stosq / rep movsq (alternately) over
+ *                                          pages a..b-1 whole and b's first qword with STRING_FILL,
+ *                                          then the markers.
+ *                                          Either way the pages written are the selected ones.
  *   R <first> <npages>                     read pass
  *   H                                      hang forever at CPL3 (tests the runner's timeouts)
  *   Q                                      exit with code 0
@@ -41,9 +50,16 @@
  *                                          (L1 answers ERR bad command).
  * In nested mode H spins in L2. exit port 0xf4 (QEMU isa-debug-exit): out <code>.
  */
-#define PROTO_VERSION 2
+#define PROTO_VERSION 3
 #define COM1 0x3f8
 #define EXIT_PORT 0xf4
 #define PAGE_SHIFT 12
 #define MISBEHAVE_EXIT 0x7e  /* X 5's exit code */
 #define MARKER_TAG 0x4b56  /* "KV": marker = TAG<<48 | pass<<32 | page */
+#define WV_NATIVE 0        /* W's <how> */
+#define WV_CPL0 1
+#define WV_FEP 2
+#define WV_ROUTE 3
+#define WV_STRING 4
+#define STRING_PAGES 4     /* at most this many pages per rep-string instruction */
+#define STRING_FILL(pass) ((u64)MARKER_TAG << 48 | (pass) << 32 | 0xffffffffUL)  /* what rep writes */

@@ -15,9 +15,10 @@ from typing import Any
 
 from kvmsplit import tracing
 from kvmsplit.kernellog.taint import decode_taint, read_taint
-from kvmsplit.vmm.kvm import Kvm, KvmUnavailable, uapi
+from kvmsplit.vmm.guest.ucall import WriteRoute
+from kvmsplit.vmm.kvm import Kvm, KvmIoctlError, KvmUnavailable, uapi
 
-KVM_PARAMS = ("tdp_mmu", "eager_page_split", "nx_huge_pages")
+KVM_PARAMS = ("tdp_mmu", "eager_page_split", "nx_huge_pages", "force_emulation_prefix")
 SYS_MODULE = Path("/sys/module")
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -167,6 +168,26 @@ def guest_features(kvm: Kvm) -> dict[str, bool]:
     return feats
 
 
+def dirty_ring_min(kvm: Kvm) -> int | None:
+    """The smallest dirty ring (bytes per vCPU) KVM accepts: a power of two of at
+    least a page that holds KVM's reserved entries (64 plus the CPU's dirty-log
+    buffer, e.g. 512 with Intel PML). Found by asking a scratch VM; None without
+    dirty rings."""
+    if not kvm.check_extension(uapi.CAPABILITIES["DIRTY_LOG_RING"]):
+        return None
+    vm = kvm.create_vm()
+    try:
+        for shift in range(12, 21):
+            try:
+                vm.enable_cap(uapi.CAP_DIRTY_LOG_RING, 1 << shift)
+                return 1 << shift
+            except KvmIoctlError:
+                continue
+        return None
+    finally:
+        vm.close()
+
+
 @dataclass(frozen=True)
 class HugetlbPool:
     size_kb: int
@@ -205,6 +226,25 @@ class HostFacts:
     kernel_log_readable: bool = False
     taint: int = 0
     tracing: dict[str, Any] = field(default_factory=dict)   # tracing.probe(): the tracepoint witness
+    dirty_ring_min: int | None = None   # the smallest dirty ring KVM accepts, bytes per vCPU
+
+    @property
+    def pvm(self) -> bool:
+        """KVM is PVM: guest CPL0 code runs in KVM's instruction emulator."""
+        return "kvm_pvm" in self.modules
+
+    def emulation_route(self) -> tuple[WriteRoute | None, str]:
+        """How a guest's writes can be made to go through KVM's instruction
+        emulator here, and why; (None, why not) where they cannot."""
+        if self.pvm:
+            return WriteRoute.CPL0, "PVM emulates guest CPL0 code: the write pass runs at CPL0"
+        fep = self.param("force_emulation_prefix")
+        if fep not in (None, False, 0):
+            return WriteRoute.FEP, f"kvm.force_emulation_prefix={fep}: every store behind the prefix"
+        return None, ("no route into KVM's instruction emulator here: KVM does not emulate guest CPL0 "
+                      "code (not PVM) and kvm.force_emulation_prefix is "
+                      + ("absent" if fep is None else "off")
+                      + " (boot with kvm.force_emulation_prefix=1, or in `kvmsplit vm` --append it)")
 
     def param(self, name: str) -> bool | int | str | None:
         """A kvm module parameter's value; None when this kernel lacks it."""
@@ -260,6 +300,7 @@ class HostFacts:
             "taint": {"value": self.taint, "letters": decode_taint(self.taint)},
             "hostname": self.hostname,
             "tracing": dict(self.tracing),
+            "dirty_ring_min": self.dirty_ring_min,
         }
 
 
@@ -269,7 +310,7 @@ def probe(kvm: Kvm | None = None) -> HostFacts:
     kvm = kvm or Kvm()
     try:
         caps = {name: kvm.check_extension(num) for name, num in uapi.CAPABILITIES.items()}
-        api, feats = kvm.api_version(), guest_features(kvm)
+        api, feats, ring_min = kvm.api_version(), guest_features(kvm), dirty_ring_min(kvm)
     finally:
         if own:
             kvm.close()
@@ -287,7 +328,7 @@ def probe(kvm: Kvm | None = None) -> HostFacts:
                 **{f"{m}.nested": module_param(m, "nested") for m in ("kvm_amd", "kvm_intel")}},
         mem_total=mem["total"], mem_available=mem["available"], thp=thp_mode(),
         hugetlb=hugetlb_pools(), kernel_log_readable=kernel_log_readable(), taint=_taint(),
-        tracing=tracing.probe())
+        tracing=tracing.probe(), dirty_ring_min=ring_min)
 
 
 def _taint() -> int:

@@ -25,7 +25,7 @@ from kvmsplit.scenario.witness import Witness
 from kvmsplit.tracing import TraceSession, TracingUnavailable
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.kvm import FaultInjector, KvmIoctlError, VmBugged, uapi
-from kvmsplit.vmm.machine import GuestError, GuestTimeout, Machine
+from kvmsplit.vmm.machine import DirtyRingStuck, GuestError, GuestTimeout, Machine
 from kvmsplit.vmm.memory import Backing, GuestMemory
 
 TEST_GPA = 1 << 32          # 4 GiB: 1G-aligned and clear of the boot identity map
@@ -83,6 +83,7 @@ class ScenarioRun:
         self.host_huge_bytes: int | None = None
         self.sys_mem = 0
         self.pass1_regions: dict[str, int] = {}    # huge regions dirty pass 1 wrote: the lazy prediction
+        self.route = ucall.WriteRoute.NATIVE       # how the dirty passes write (write_via, on this host)
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> ScenarioResult:
@@ -104,6 +105,10 @@ class ScenarioRun:
             self.not_testable = str(e)
         except VmBugged as e:
             self.vm_bugged = f"{e.ioctl} returned EIO in phase {self.cur_phase}"
+        except DirtyRingStuck as e:
+            # a finding, judged from the dirty pass it cut short; elsewhere it cannot be judged
+            if not any(p.get("ring_stuck") for p in self.dirty_passes):
+                self.error = f"guest failed in phase {self.cur_phase}: {e}"
         except GuestTimeout as e:
             self.error = f"guest hung in phase {self.cur_phase}: {e}"
         except GuestError as e:
@@ -172,6 +177,13 @@ class ScenarioRun:
             why = f.nested_svm()
             if why:
                 return why
+        if s.write_via.emulated:
+            route, why = f.emulation_route()
+            if route is None:
+                return f"write_via {s.write_via.value}: {why}"
+            self.route = route
+            self.res.extra["write_route"] = {"route": route.name.lower(), "string": s.write_via.string,
+                                             "why": why}
         if s.backing is Backing.THP and f.thp == "never":
             return "transparent hugepages are disabled on this host (THP=never)"
         if s.backing.hugetlb_kb:
@@ -345,11 +357,20 @@ class ScenarioRun:
     def _write_pass(self, pass_no: int, pattern: str, pct: int, check_dirty: bool) -> None:
         s = self.s
         parts = [self._partition(c) for c in range(s.vcpus)]
-        t = time.monotonic()
-        done = self._command_all(
-            lambda c: ucall.cmd_write(pass_no, pattern, pct, s.seed, *parts[c]), "write pass")
-        guest_s = time.monotonic() - t
+        # only the dirty passes go the scenario's way: populate and recovery map memory natively
+        route = self.route if check_dirty else ucall.WriteRoute.NATIVE
+        string = check_dirty and s.write_via.string
         pages = np.concatenate([ucall.written_pages(pass_no, pattern, pct, s.seed, *p) for p in parts])
+        t = time.monotonic()
+        try:
+            done = self._command_all(
+                lambda c: ucall.cmd_write(pass_no, pattern, pct, s.seed, *parts[c], route=route, string=string),
+                "write pass")
+        except DirtyRingStuck as e:
+            if check_dirty:
+                self._check_dirty_cut_short(pass_no, pages, time.monotonic() - t, str(e))
+            raise
+        guest_s = time.monotonic() - t
         reported = sum(int(d.args[2], 16) for d in done)
         if reported != len(pages):
             raise GuestError(f"pass {pass_no}: guest wrote {reported} pages, host computed {len(pages)}")
@@ -429,6 +450,27 @@ class ScenarioRun:
             "missing_sample": [int(x) for x in missing[:8]],
             "extra_sample": [int(x) for x in extra[:8]],
             "guest_s": round(guest_s, 6), "harvest_s": round(harvest_s, 6), **info})
+
+    def _check_dirty_cut_short(self, pass_no: int, pages: np.ndarray, guest_s: float, why: str) -> None:
+        """A pass KVM stopped halfway (a stuck dirty ring): what the guest wrote so
+        far starts with this pass's marker (or a string pass's fill); each of those
+        pages must have been reported, and no page outside the pass's selection may be."""
+        self.machine.stop()
+        q0 = self.memory.qwords()[pages.astype(np.int64) * 512]
+        written = pages[(q0 == ucall.marker(pass_no, pages)) | (q0 == np.uint64(ucall.string_fill(pass_no)))]
+        del q0
+        got, info = self._harvest()
+        want = np.zeros(self.s.npages, dtype=bool)
+        want[written.astype(np.int64)] = True
+        selected = np.zeros(self.s.npages, dtype=bool)
+        selected[pages.astype(np.int64)] = True
+        missing, extra = np.flatnonzero(want & ~got), np.flatnonzero(got & ~selected)
+        self.dirty_passes.append({
+            "pass": pass_no, "written": int(want.sum()), "harvested": int(got.sum()),
+            "missing": int(missing.size), "extra": int(extra.size),
+            "missing_sample": [int(x) for x in missing[:8]], "extra_sample": [int(x) for x in extra[:8]],
+            "guest_s": round(guest_s, 6), "harvest_s": 0.0, "ring_stuck": why,
+            "selected": int(pages.size), **info})
 
     def _first_clear(self) -> None:
         """Manual protect: read the log once (all set with INITIALLY_SET, empty

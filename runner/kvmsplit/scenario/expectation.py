@@ -16,7 +16,7 @@ from kvmsplit.vmm.memory import Backing
 
 @dataclass(frozen=True)
 class Expectation:
-    split: str            # "eager", "lazy" or "none" (nothing huge to split)
+    split: str            # "eager", "lazy", "none" (nothing huge to split) or "kept" (nothing splits)
     when: str | None      # eager only: "enable" or "first-clear"
     reason: str
     overridden: bool = False
@@ -52,6 +52,14 @@ RULES: list[Rule] = [
          "pages) eagerly when dirty logging is enabled (kvm_shadow_mmu_try_split_huge_pages)"),
     Rule(lambda s, h: h.paging == "shadow" and s.guest_page == "4k", "none", None,
          "shadow paging maps a guest page no larger than the guest's own 4K page"),
+    Rule(lambda s, h: s.write_via.emulated and h.pvm and h.param("eager_page_split") is not True, "kept", None,
+         "PVM emulates the CPL0 write passes: KVM's emulator writes through the host mapping "
+         "(kvm_vcpu_write_guest) and never faults on the write-protected huge mappings, and eager "
+         "splitting is off: nothing splits while logging"),
+    Rule(lambda s, h: s.write_via.emulated and h.pvm and h.paging != "tdp", "kept", None,
+         "PVM emulates the CPL0 write passes: KVM's emulator writes through the host mapping "
+         "(kvm_vcpu_write_guest) and never faults on the write-protected huge mappings, and the shadow "
+         "MMU does not split eagerly: nothing splits while logging"),
     Rule(lambda s, h: h.param("eager_page_split") is None, "lazy", None,
          "this kernel has no kvm.eager_page_split (before 5.18): huge pages split on write faults"),
     Rule(lambda s, h: h.param("eager_page_split") is False, "lazy", None,

@@ -42,6 +42,24 @@ class DirtyMode(StrEnum):
                 "ring": "DIRTY_LOG_RING", "ring-acq-rel": "DIRTY_LOG_RING_ACQ_REL"}.get(self.value)
 
 
+class WriteVia(StrEnum):
+    """How the guest's dirty passes write: natively (page faults through KVM's
+    MMU) or through KVM's instruction emulator (kvm_vcpu_write_guest ->
+    mark_page_dirty_in_slot), one store per page or with rep-string
+    instructions that write several pages each."""
+    NATIVE = "native"
+    EMULATED = "emulated"                  # one emulated mov per page
+    EMULATED_STRING = "emulated-string"    # rep stosq/movsq over up to ucall.STRING_PAGES pages, then the movs
+
+    @property
+    def emulated(self) -> bool:
+        return self is not WriteVia.NATIVE
+
+    @property
+    def string(self) -> bool:
+        return self is WriteVia.EMULATED_STRING
+
+
 EXPECTATIONS = ("auto", "eager", "lazy", "none")
 BACKENDS = ("kvm", "qemu")            # kvmsplit's own VMM on /dev/kvm, or qemu-system-x86_64 -accel kvm
 # how the QEMU backend drives dirty logging: the way QEMU users meet it
@@ -71,6 +89,7 @@ class Scenario:
     l2_page: str = "2m"               # page size of L1's nested page tables for L2's test region
     backend: str = "kvm"              # kvm: kvmsplit's VMM; qemu: qemu-system-x86_64 -accel kvm
     qemu_flow: str = "migrate"        # backend qemu: migrate, migrate-cancel or dirty-rate
+    write_via: WriteVia = WriteVia.NATIVE   # the dirty passes' writes: native, or through KVM's emulator
 
     @property
     def is_nested(self) -> bool:
@@ -94,6 +113,10 @@ class Scenario:
             del d["nested"], d["l2_page"]
         if self.backend == "kvm":
             del d["backend"], d["qemu_flow"]
+        if self.write_via is WriteVia.NATIVE:
+            del d["write_via"]
+        else:
+            d["write_via"] = self.write_via.value
         return d
 
     @classmethod
@@ -142,13 +165,15 @@ def _build(d: dict, where: str) -> Scenario:
         raise BadInputError(f"{where}: missing 'name'")
     try:
         for k in ("name", "guest_page", "pattern", "expect", "nested", "l2_page", "backing", "dirty_mode",
-                  "backend", "qemu_flow"):
+                  "backend", "qemu_flow", "write_via"):
             if k in d and not isinstance(d[k], str):
                 raise ValueError(f"{k}: expected a string, got {d[k]!r}")
         if "backing" in d:
             d["backing"] = _enum(Backing, d["backing"], "backing")
         if "dirty_mode" in d:
             d["dirty_mode"] = _enum(DirtyMode, d["dirty_mode"], "dirty_mode")
+        if "write_via" in d:
+            d["write_via"] = _enum(WriteVia, d["write_via"], "write_via")
         for k in ("size", "ring_size", "clear_chunk"):
             if k in d:
                 d[k] = parse_size(d[k], k)
@@ -187,6 +212,11 @@ def validate(s: Scenario) -> None:
         raise ValueError(f"vcpus: the QEMU backend runs one vCPU (one COM1 for the protocol), got {s.vcpus}")
     if s.backend == "qemu" and s.memslots != 1:
         raise ValueError(f"memslots: the QEMU backend maps the test region as one DIMM, got {s.memslots}")
+    if s.write_via.emulated and s.is_nested:
+        raise ValueError(f"write_via: {s.write_via.value} writes come from kvmsplit's own guest; a nested "
+                         "scenario's L2 writes natively")
+    if s.write_via.emulated and s.backend != "kvm":
+        raise ValueError(f"write_via: {s.write_via.value} needs backend kvm")
     if s.l2_page not in GUEST_PAGE_SIZES:
         raise ValueError(f"l2_page: unknown value {s.l2_page!r} (one of: 4k, 2m, 1g)")
     if s.is_nested and s.vcpus != 1:
@@ -263,6 +293,7 @@ def default_suite(facts: HostFacts | None = None) -> list[Scenario]:
                 out.append(Scenario(name=f"{backing.value}/{gp}/{mode.value}", backing=backing,
                                     guest_page=gp, size=size, dirty_mode=mode))
     out += nested_suite(base)
+    out += emulated_suite(facts)
     out += [
         Scenario(name="thp/2m/bitmap/2vcpu-2slot-random", backing=Backing.THP, guest_page="2m",
                  size=2 * base, vcpus=2, memslots=2, pattern="random", percent=50, seed=7, passes=3),
@@ -289,6 +320,28 @@ def nested_suite(base: int) -> list[Scenario]:
     return out
 
 
+def emulated_suite(facts: HostFacts | None) -> list[Scenario]:
+    """Writes through KVM's instruction emulator in every dirty mode, one mov per
+    page and with rep-string instructions over several pages, rings at the
+    smallest size KVM accepts (so ring-full exits come in the middle of emulated
+    instructions). Small: emulated writes are slow. Only where the host has a
+    route into the emulator (PVM, or kvm.force_emulation_prefix); a scenario
+    file's write_via = "emulated" elsewhere SKIPs with the reason."""
+    if facts is None or facts.emulation_route()[0] is None:
+        return []
+    ring = facts.dirty_ring_min or 4096
+    out = []
+    for via, size, pattern, pct in ((WriteVia.EMULATED, 8 * MB, "seq", 100),
+                                    (WriteVia.EMULATED_STRING, 4 * MB, "random", 50)):
+        out += [Scenario(name=f"{via.value}/anon/4k/{mode.value}", backing=Backing.ANON, guest_page="4k",
+                         size=size, dirty_mode=mode, write_via=via, pattern=pattern, percent=pct, seed=17,
+                         ring_size=ring)
+                for mode in DirtyMode]
+    out.append(Scenario(name=f"{WriteVia.EMULATED.value}/thp/2m/bitmap", backing=Backing.THP, guest_page="2m",
+                        size=16 * MB, write_via=WriteVia.EMULATED))
+    return out
+
+
 def select(scenarios: list[Scenario], patterns: list[str] | None) -> list[Scenario]:
     """-k: keep scenarios whose name contains any pattern (globs allowed)."""
     if not patterns:
@@ -310,5 +363,6 @@ def check_fits_host(scenarios: list[Scenario], facts: HostFacts) -> None:
             raise UnavailableError(f"scenario '{s.name}' needs {s.vcpus} vCPUs; KVM allows {ncpu}")
 
 
-__all__ = ["Scenario", "DirtyMode", "Backing", "load_file", "default_suite", "nested_suite", "select",
+__all__ = ["Scenario", "DirtyMode", "WriteVia", "Backing", "load_file", "default_suite", "nested_suite",
+           "emulated_suite", "select",
            "check_fits_host", "parse_size"]

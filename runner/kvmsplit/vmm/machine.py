@@ -53,6 +53,7 @@ LSR_THR_EMPTY = 0x60
 CONSOLE_LINES = 1000     # Machine.console keeps the last this many (up to twice as many) lines
 EVENTS_MAX = 1024        # lines and deaths not yet taken by expect()
 BACKLOG_MAX = 16         # per vCPU: protocol lines expect() has not been asked for yet
+RING_STUCK_EXITS = 8     # DIRTY_RING_FULL exits in a row with an empty ring: KVM's ring is stuck
 
 
 class GuestError(Exception):
@@ -65,6 +66,13 @@ class GuestError(Exception):
 
 class GuestTimeout(GuestError):
     pass
+
+
+class DirtyRingStuck(GuestError):
+    """KVM keeps exiting DIRTY_RING_FULL while the vCPU's ring holds nothing to
+    harvest: KVM pushed more entries than the ring has (overwriting ones not yet
+    harvested), and its full count can never come down again. A KVM bug; the
+    vCPU cannot run any more."""
 
 
 @dataclass
@@ -92,6 +100,7 @@ class _VcpuState:
     pending: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     stray_lines: int = 0     # lines outside the protocol (and cut over-long ones)
+    empty_ring_exits: int = 0   # DIRTY_RING_FULL exits in a row that found the ring empty
     thread: threading.Thread | None = None
     # Time inside KVM_RUN: (seconds of the runs that returned, start of the run
     # in flight or None). Replaced whole, only by this vCPU's thread, so another
@@ -121,7 +130,7 @@ class Machine:
         self.kvm = kvm
         self.vm = kvm.create_vm()
         self.vm.fault = fault
-        # (tag, vcpu id, payload): "line" GuestLine, "dead" str, "vmbugged" VmBugged
+        # (tag, vcpu id, payload): "line" GuestLine, "dead" str, "vmbugged" VmBugged, "ringstuck" str
         self.events: queue.Queue[tuple[str, int, Any]] = queue.Queue(EVENTS_MAX)
         self.console: list[str] = []           # the guest's last lines (CONSOLE_LINES..2x)
         self.console_dropped = 0               # older lines no longer in `console`
@@ -219,6 +228,8 @@ class Machine:
                                      f"(waiting for cpu {cpu}'s {what or kind}), the last: {gl.text!r}", gl)
             elif tag == "vmbugged":
                 raise ev[2]
+            elif tag == "ringstuck":
+                raise DirtyRingStuck(ev[2])
             elif tag == "dead":
                 raise GuestError(ev[2])
 
@@ -274,7 +285,7 @@ class Machine:
                     st.kvm_run = (done + time.monotonic() - t0, None)
                 why = self._handle_exit(st, ex)
                 if why:
-                    self._event("dead", v.id, why)
+                    self._event("ringstuck" if st.empty_ring_exits >= RING_STUCK_EXITS else "dead", v.id, why)
                     return
         except VmBugged as e:
             # without its traceback: it would keep this thread's frames, and
@@ -291,8 +302,7 @@ class Machine:
             case IoExit():
                 return self._handle_io(st, ex)
             case DirtyRingFullExit():
-                self._harvest_ring(st.vcpu)
-                return None
+                return self._ring_full(st)
             case HltExit():
                 return f"vcpu {vid} halted unexpectedly"
             case ShutdownExit():
@@ -363,13 +373,26 @@ class Machine:
             return
         self._event("line", st.vcpu.id, gl)
 
-    def _harvest_ring(self, v: Vcpu) -> None:
+    def _ring_full(self, st: _VcpuState) -> str | None:
+        """Harvest and reset on a DIRTY_RING_FULL exit; why the vCPU is done when
+        KVM's ring is stuck (full, yet nothing in it to harvest, again and again)."""
+        got = self._harvest_ring(st.vcpu)
+        st.empty_ring_exits = 0 if got else st.empty_ring_exits + 1
+        if st.empty_ring_exits < RING_STUCK_EXITS:
+            return None
+        return (f"vcpu {st.vcpu.id}: dirty ring stuck: {st.empty_ring_exits} DIRTY_RING_FULL exits in a row "
+                f"with no entry to harvest (KVM pushed more entries than the ring's "
+                f"{st.vcpu.ring.size if st.vcpu.ring else '?'} and overwrote unharvested ones; "
+                "the vCPU cannot run again)")
+
+    def _harvest_ring(self, v: Vcpu) -> int:
         assert v.ring is not None, "a ring-full exit without a dirty ring"
         got = v.ring.harvest()
         with self._ring_lock:
             self.ring_harvest.extend(got)
             self.ring_full_exits += 1
             self.vm.reset_dirty_rings()
+        return len(got)
 
     def harvest_rings(self) -> list[tuple[int, int]]:
         """Collect every vCPU's ring (vCPUs must be idle) and reset them."""

@@ -3,10 +3,11 @@ compute what a write pass writes. guests/protocol.h is the guest side."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 
-PROTO_VERSION = 2
+PROTO_VERSION = 3
 COM1 = 0x3F8
 COM1_LSR = COM1 + 5
 EXIT_PORT = 0xF4
@@ -54,8 +55,34 @@ def cmd_map(gpa: int, size: int, page_shift: int) -> str:
     return f"M {_hex(gpa, size, page_shift)}\n"
 
 
-def cmd_write(pass_no: int, pattern: str, pct: int, seed: int, first: int, npages: int) -> str:
-    return f"W {_hex(pass_no, PATTERNS[pattern], pct, seed, first, npages)}\n"
+class WriteRoute(IntEnum):
+    """How a write pass's stores reach memory: W's <how> bits 0-1 (protocol.h WV_*)."""
+    NATIVE = 0       # plain stores at CPL3: real page faults, KVM's MMU
+    CPL0 = 1         # the pass runs at CPL0: KVM's instruction emulator where the host emulates
+                     # guest kernel code (PVM)
+    FEP = 2          # each store behind the forced-emulation prefix (kvm.force_emulation_prefix)
+
+    @property
+    def emulated(self) -> bool:
+        return self is not WriteRoute.NATIVE
+
+
+WV_STRING = 4        # W's <how> bit 2: rep stosq / rep movsq over runs of consecutive pages
+STRING_PAGES = 4     # at most this many pages per rep-string instruction (protocol.h)
+
+
+def string_fill(pass_no: int) -> int:
+    """What a string pass's rep stosq/movsq writes (STRING_FILL in protocol.h):
+    a page this pass has touched starts with this or with its marker()."""
+    return MARKER_TAG << 48 | pass_no << 32 | 0xFFFFFFFF
+
+
+def cmd_write(pass_no: int, pattern: str, pct: int, seed: int, first: int, npages: int,
+              route: WriteRoute = WriteRoute.NATIVE, string: bool = False) -> str:
+    """W; a native pass without strings is the 6-field line every guest version knows."""
+    how = int(route) | (WV_STRING if string else 0)
+    extra = (how,) if how else ()
+    return f"W {_hex(pass_no, PATTERNS[pattern], pct, seed, first, npages, *extra)}\n"
 
 
 def cmd_read(first: int, npages: int) -> str:
@@ -154,7 +181,10 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 
 def written_pages(pass_no: int, pattern: str, pct: int, seed: int, first: int, npages: int) -> np.ndarray:
-    """Page indices (into the test region) that the guest writes in this pass."""
+    """Page indices (into the test region) that the guest writes in this pass,
+    whatever the route: a string pass's rep stosq/movsq over a run a..b writes
+    pages a..b-1 whole and b's first qword, i.e. the same selected pages, and
+    each selected page's first qword ends as its marker()."""
     idx = np.arange(first, first + npages, dtype=np.uint64)
     if pattern == "seq":
         return idx[: (npages * pct + 99) // 100]
