@@ -90,6 +90,18 @@ def add_phase_timeout(parser: argparse.ArgumentParser) -> None:
                         help="seconds a guest may take in one phase before the scenario is an ERROR")
 
 
+def add_repeat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=_repeat, metavar="M",
+                        help="run the scenarios M times (each run its own results, under DIR/repeat-N/) "
+                             "and print, per scenario, how many of the M repeats failed")
+
+
+def _repeat(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a number of repeats 1..1000, got {text!r}")
+    return int(text)
+
+
 def _version(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a version number like 3, got {text!r}")

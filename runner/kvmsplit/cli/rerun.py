@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 
 from kvmsplit.cli import selftests
-from kvmsplit.cli.options import add_expect, add_phase_timeout, add_run_options, host_facts
+from kvmsplit.cli.options import add_expect, add_phase_timeout, add_repeat, add_run_options, host_facts
 from kvmsplit.cli.scenarios import run_scenarios
 from kvmsplit.errors import EXIT_OK, UsageError
 from kvmsplit.runs.digest import FAILED, kind
@@ -78,4 +78,5 @@ def add_parsers(sub) -> None:
     add_expect(sp, "override the split expectation (default: the original run's override, if any)")
     add_run_options(sp, "results/<time>-rerun")
     add_phase_timeout(sp)
+    add_repeat(sp)
     sp.set_defaults(func=cmd_rerun)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from pathlib import Path
 
 from kvmsplit import __version__
 from kvmsplit.cli.console import Progress, table
@@ -10,6 +12,7 @@ from kvmsplit.cli.options import (
     add_backend,
     add_expect,
     add_phase_timeout,
+    add_repeat,
     add_run_options,
     add_selection,
     default_sinks,
@@ -17,9 +20,10 @@ from kvmsplit.cli.options import (
     host_facts,
     output_dir,
 )
-from kvmsplit.errors import EXIT_OK, UsageError
+from kvmsplit.errors import EXIT_FAILED, EXIT_OK, UsageError
 from kvmsplit.host.facts import HostFacts
 from kvmsplit.runs.loop import run_items
+from kvmsplit.runs.results import RunResult
 from kvmsplit.scenario.backend import ScenarioBackend
 from kvmsplit.scenario.engine import RunOptions
 from kvmsplit.scenario.expectation import expect
@@ -68,9 +72,38 @@ def _yn(v) -> str:
 
 def run_scenarios(args, scenarios: list[Scenario], facts: HostFacts, *, what: str, options: RunOptions,
                   series: dict | None = None) -> int:
-    """Run scenarios through the shared loop; `kvmsplit run` and `rerun` both end here."""
+    """Run scenarios through the shared loop; `kvmsplit run` and `rerun` both end here.
+    With --repeat M, M whole runs (each its own results and history entry), then the rates."""
     check_fits_host(scenarios, facts)
     out = output_dir(args, "-rerun" if args.cmd == "rerun" else "")
+    repeat = getattr(args, "repeat", None) or 1
+    if repeat == 1:
+        return _run_once(args, scenarios, facts, what, options, series, out)
+    codes, runs = [], []
+    for i in range(1, repeat + 1):
+        print(f"kvmsplit: repeat {i} of {repeat}", file=sys.stderr)
+        codes.append(_run_once(args, scenarios, facts, what, options, series, out / f"repeat-{i}", runs))
+    for line in repeat_rates(runs):
+        print(line)
+    return next((c for c in codes if c == EXIT_FAILED), max(codes))
+
+
+def repeat_rates(runs: list[RunResult]) -> list[str]:
+    """Per scenario, how many of the repeats failed (FAIL or ERROR), how, and in how
+    many the dirty log lost pages."""
+    out = []
+    for name in dict.fromkeys(s.name for rr in runs for s in rr.scenarios):
+        results = [s for rr in runs for s in rr.scenarios if s.name == name]
+        failed = [s for s in results if s.verdict.failed]
+        how = ", ".join(f"{v.value} {n}" for v, n in Counter(s.verdict for s in results).most_common())
+        lost = [s for s in results if (c := s.check("dirty-log")) is not None and c.details.get("missing")]
+        out.append(f"{name}: {len(failed)} of {len(results)} repeats failed ({how})"
+                   + (f"; {len(lost)} of {len(results)} lost dirty pages" if lost else ""))
+    return out
+
+
+def _run_once(args, scenarios: list[Scenario], facts: HostFacts, what: str, options: RunOptions,
+              series: dict | None, out: Path, runs: list[RunResult] | None = None) -> int:
     progress = Progress(len(scenarios), verbose=getattr(args, "verbose", False))
     options.on_phase = progress.phase
     print(f"kvmsplit {__version__}: {what} {len(scenarios)} scenario(s) on {facts.kernel_release}, "
@@ -79,6 +112,8 @@ def run_scenarios(args, scenarios: list[Scenario], facts: HostFacts, *, what: st
     rr = run_items(ScenarioBackend(scenarios, facts, options), facts, out,
                    allow_host_changes=not args.no_host_changes, wait_for_host=not args.no_wait, argv=sys.argv,
                    on_result=lambda i, r: progress.result(r), sinks=default_sinks(args, series))
+    if runs is not None:
+        runs.append(rr)
     return finish(args, rr, out, table)
 
 
@@ -117,6 +152,7 @@ def add_parsers(sub) -> None:
     add_expect(sp)
     add_run_options(sp, "results/<time>")
     add_phase_timeout(sp)
+    add_repeat(sp)
     sp.add_argument("-v", "--verbose", action="store_true", help="a line per phase, also when not on a terminal")
     sp.add_argument("--no-trace", action="store_true",
                     help="without the tracepoint witness (scenarios are then UNCONFIRMED, not PASS)")
