@@ -2,7 +2,9 @@
 kernel logs that already exist."""
 from __future__ import annotations
 
+import difflib
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -13,9 +15,10 @@ from kvmsplit.kernellog import parse_log_text, parse_reports
 from kvmsplit.report.html import html_report
 from kvmsplit.report.outputs import write_atomic
 from kvmsplit.runs.compare import compare, format_comparison
-from kvmsplit.runs.digest import series_label
-from kvmsplit.runs.history import History, fmt_time, open_run
-from kvmsplit.runs.results import Verdict
+from kvmsplit.runs.digest import FAILED, kind, series_label
+from kvmsplit.runs.history import History, LoadedRun, fmt_time, open_run
+from kvmsplit.runs.results import ScenarioResult, Verdict
+from kvmsplit.scenario.model import Scenario, to_toml
 
 RUN_HELP = "a run id from `kvmsplit history`, or a results.json (or its directory)"
 
@@ -58,7 +61,63 @@ def cmd_compare(args) -> int:
     return EXIT_FAILED if args.exit_code and c.worse else EXIT_OK
 
 
+def _failing(run: LoadedRun, name: str | None) -> ScenarioResult:
+    """The scenario a reproducer is for: NAME, or the run's first failing one of kvmsplit's own."""
+    ours = [s for s in run.rr.scenarios if kind(s) == "scenario"]
+    if name:
+        hit = next((s for s in ours if s.name == name), None)
+        if hit is None:
+            close = difflib.get_close_matches(name, [s.name for s in ours], n=1)
+            raise UsageError(f"--scenario {name}: no such kvmsplit scenario in {run.ref}"
+                             + (f" (did you mean '{close[0]}'?)" if close else ""))
+        return hit
+    hit = next((s for s in ours if s.verdict in FAILED), None)
+    if hit is None:
+        raise UsageError(f"no failing kvmsplit scenario in {run.ref}: name one with --scenario NAME")
+    return hit
+
+
+def reproducer(run: LoadedRun, sr: ScenarioResult, path: Path) -> str:
+    """A self-contained scenario file for one scenario: the scenario itself, then as
+    comments the exact command, what it showed, the kernel and the host facts."""
+    scenario = Scenario.from_dict(sr.scenario, where=f"{run.ref}: scenario '{sr.name}'")
+    exp = sr.expectation or {}
+    forced = exp.get("split") if exp.get("overridden") and exp.get("split") != scenario.expect else None
+    host = run.rr.host
+    kernel = host.get("kernel", {})
+    command = f"kvmsplit run --scenario {path}" + (f" --expect {forced}" if forced else "")
+    header = [f"kvmsplit reproducer: scenario '{sr.name}' from {run.ref}",
+              f"run it:  {command}",
+              f"also:    kvmsplit run --scenario {path} --repeat 10   (how often it fails here)",
+              f"verdict: {sr.verdict.value}" + (f" (phase {sr.error_phase})" if sr.error_phase else "")]
+    header += [f"  {r}" for r in sr.reasons]
+    header += [f"kernel report: {r.get('title')}" for r in (sr.kernel_log or {}).get("reports", [])]
+    header += [f"kernel: {kernel.get('release')} {kernel.get('version', '')}".rstrip(),
+               f"kvmsplit: {run.rr.kvmsplit_version}; original command: {' '.join(run.rr.argv)}",
+               "host facts (kvmsplit probe --json):"]
+    header += [f"  {line}" for line in json.dumps(host, indent=1, sort_keys=True, default=str).splitlines()]
+    return to_toml([scenario], header)
+
+
+def cmd_reproducer(args) -> int:
+    run = open_run(args.run, History(args.db))
+    sr = _failing(run, args.scenario)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", sr.name).strip("-")
+    out = Path(args.output) if args.output else \
+        (run.path.parent if run.path else Path(".")) / f"reproducer-{slug}.toml"
+    try:
+        write_atomic(out, reproducer(run, sr, out))
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror}") from None
+    print(f"reproducer: {out}\nrun it:     kvmsplit run --scenario {out}")
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
+    if args.reproducer:
+        return cmd_reproducer(args)
+    if args.scenario:
+        raise UsageError("--scenario picks the scenario of a --reproducer")
     run = open_run(args.run, History(args.db))
     if args.output:
         out = Path(args.output)
@@ -107,11 +166,18 @@ def add_parsers(sub) -> None:
                     help="exit 1 when B has new failures or phase-time regressions")
     sp.set_defaults(func=cmd_compare)
 
-    sp = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    sp = sub.add_parser("report", help="write a self-contained HTML report of a run, or a reproducer")
     add_db(sp)
     sp.add_argument("run", metavar="RUN", help=RUN_HELP)
-    sp.add_argument("--output", "-o", metavar="FILE.html",
-                    help="default: report.html next to results.json, or kvmsplit-<run>.html here")
+    sp.add_argument("--output", "-o", metavar="FILE",
+                    help="default: report.html next to results.json, or kvmsplit-<run>.html here; with "
+                         "--reproducer: reproducer-<scenario>.toml next to results.json")
+    sp.add_argument("--reproducer", action="store_true",
+                    help="instead: a self-contained scenario file for one failing scenario (what `kvmsplit "
+                         "run --scenario FILE` runs again), with the exact command, the kernel and the host "
+                         "facts: what to attach to a bug report")
+    sp.add_argument("--scenario", metavar="NAME", help="with --reproducer: this scenario (default: the "
+                                                       "first that failed)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -275,6 +277,21 @@ def load_file(path: str | Path) -> list[Scenario]:
     return out
 
 
+def to_toml(scenarios: list[Scenario], header: Sequence[str] = ()) -> str:
+    """A scenario file load_file() reads back as the same scenarios; `header`
+    lines go first as comments."""
+    lines = [f"# {line}".rstrip() for h in header for line in str(h).splitlines() or [""]]
+    for sc in scenarios:
+        lines += ["", "[[scenario]]"]
+        for k, v in sc.to_dict().items():
+            if v is None:
+                continue
+            val = ("true" if v else "false") if isinstance(v, bool) else \
+                json.dumps(v) if isinstance(v, str) else repr(v)
+            lines.append(f"{k} = {val}")
+    return "\n".join(lines) + "\n"
+
+
 def default_suite(facts: HostFacts | None = None) -> list[Scenario]:
     """Each backing x each dirty mode x each guest page size, a few hundred
     MiB each (1 GiB where 1G pages are involved), plus multi-vCPU, multi-slot
@@ -364,5 +381,5 @@ def check_fits_host(scenarios: list[Scenario], facts: HostFacts) -> None:
 
 
 __all__ = ["Scenario", "DirtyMode", "WriteVia", "Backing", "load_file", "default_suite", "nested_suite",
-           "emulated_suite", "select",
+           "emulated_suite", "select", "to_toml",
            "check_fits_host", "parse_size"]
