@@ -42,6 +42,7 @@ class Record:
     flags: str = "-"
     fields: dict[str, str] = field(default_factory=dict)
     raw: str = ""
+    caller: str | None = None      # the console's `[T123]`/`[C1]` tag: who printed it
 
     @property
     def facility(self) -> int:
@@ -174,19 +175,24 @@ def _count_gap(out: Drained, last_seq: int | None, next_seq: int | None) -> None
         out.lost += next_seq - last_seq - 1
 
 
-# `[  12.345678]`, `[12.3][T123]`, `[ 2352.930426] [  T53909]` and dmesg -r's `<4>` before it.
+# `[  12.345678]`, `[12.3][T123]`, `[ 2352.930426] [  T53909]` and dmesg -r's `<4>` before it,
+# after whatever a console put first (`syzkaller login: `, a shell prompt, a date).
 _CONSOLE_PREFIX = re.compile(
-    r"^(?:<(?P<prio>\d{1,9})>)?\[\s*(?P<sec>\d{1,20})\.(?P<frac>\d+)\](?:\s?\[\s*[TC]\d+\])?\s?")
+    r"(?:^|(?<=\s))(?:<(?P<prio>\d{1,9})>)?\[\s*(?P<sec>\d{1,20})\.(?P<frac>\d+)\]"
+    r"(?:\s?\[\s*(?P<caller>[TC]\d+)\])?\s?")
 
 
 def _parse_console_line(number: int, line: str) -> Record:
-    m = _CONSOLE_PREFIX.match(line)
+    m = _CONSOLE_PREFIX.match(line) or _CONSOLE_PREFIX.search(line, 0, _PROMPT_REACH)
     if not m:
         return Record(seq=number, message=line, raw=line)
     frac = (m["frac"] + "000000")[:6]
     return Record(seq=number, message=line[m.end():], raw=line,
                   prio=int(m["prio"]) if m["prio"] else None,
-                  ts_us=int(m["sec"]) * 1_000_000 + int(frac))
+                  ts_us=int(m["sec"]) * 1_000_000 + int(frac), caller=m["caller"])
+
+
+_PROMPT_REACH = 80      # how far into a line a console prompt may push the timestamp
 
 
 def _parse_kmsg_lines(lines: list[str]) -> Iterator[Record]:

@@ -34,7 +34,9 @@ class ReportType:
              then the call trace: the first non-generic one), "stall" (the task
              context's frames, anchored at the syscall or worker that looped),
              "hang" (the blocked task, grouped by what it waits for), "lock"
-             (lockdep's `at:` lines, then the trace) or "none".
+             (lockdep's `at:` lines, then the trace), "anchor" (the first
+             trace's frame just above the syscall or worker entry: stack
+             overflows) or "none".
     skip     generic frames for this type on top of the common list.
     attach   what the line does while another report is open: "new" starts its
              own report; "open" is part of the open report (e.g. the `invalid
@@ -65,8 +67,9 @@ def _warning(path: str = _SRC, fn: str = _FN) -> str:
     CPU#1: comm/pid` (2025 rework). Notices such as `Speculative Return Stack
     Overflow: WARNING: See https://...` have no FILE:LINE and do not match.
     """
+    optional = "?" if fn == _FN else ""      # a row that names the function needs it
     return (rf"^WARNING: (?:CPU: \d+ (?:UID: \d+ )?PID: \d+ at |at |\[[^\]]*\] )?"
-            rf"(?P<file>{path}):(?P<line>\d+)\b(?:\s+(?:at\s+)?(?P<fn>{fn})(?=[+.(]|$))?")
+            rf"(?P<file>{path}):(?P<line>\d+)\b(?:\s+(?:at\s+)?(?P<fn>{fn})(?=[+.(]|$)){optional}")
 
 
 _KVM_SOURCE = r"(?:arch/[\w-]+/kvm|virt/kvm)/[\w./-]+\.[ch]"
@@ -82,10 +85,31 @@ REPORT_TYPES: tuple[ReportType, ...] = (
                "__free_", "kobject_")),
     _row("WARNING", _warning(r"kernel/locking/lockdep\.c", r"\w*lock_\w*"),
          "WARNING: locking bug in {func}", skip=("lock_sock", "release_sock")),
+    _row("WARNING", _warning(r"mm/(?:slab_common|util)\.c", r"(?:kmalloc_slab|kvmalloc_node\w*|"
+                             r"__kvmalloc_node\w*|kmalloc_fix_flags)"),
+         "WARNING: kmalloc bug in {func}", skip=("kvmalloc", "kvzalloc", "kvcalloc", "kmalloc_array")),
+    _row("WARNING", _warning(r"mm/vmalloc\.c", r"__vmalloc_node_range\w*"),
+         "WARNING: zero-size vmalloc in {func}", skip=("vmalloc", "vzalloc", "vmemdup", "kvmalloc")),
+    _row("WARNING", _warning(r"fs/proc/generic\.c", r"proc_register\w*"),
+         "WARNING: proc registration bug in {func}", skip=("proc_", "^proc")),
+    _row("WARNING", _warning(r"lib/kobject\.c", r"kobject_add_internal\w*"),
+         "WARNING: kobject bug in {func}", skip=("kobject_",)),
+    _row("WARNING", _warning(r"mm/usercopy\.c"), "WARNING: bad usercopy in {func}",
+         skip=("usercopy", "__check", "check_")),
+    _row("WARNING", _warning(r"drivers/usb/core/urb\.c", r"usb_submit_urb\w*"),
+         "WARNING in {func}/usb_submit_urb", skip=("^usb_",)),
     # A WARN in KVM's own source: KVM_BUG_ON() and the MMU's sanity checks land here.
     _row("KVM_WARN", _warning(_KVM_SOURCE), "WARNING in {func}"),
     _row("WARNING", _warning(), "WARNING in {func}"),
-    # Sanitizers.
+    # Sanitizers. KMSAN, KCSAN and KFENCE print `BUG: ` before their name; syzbot's titles drop it.
+    _row("KMSAN", rf"BUG: KMSAN: (?P<kind>[\w-]+) in (?P<fn>{_FN})", "KMSAN: {kind} in {func}",
+         skip=("kmsan", "__msan", "copy_to_user", "_copy_to_iter", "copyout", "usb_submit_urb")),
+    _row("KCSAN", rf"BUG: KCSAN: (?P<kind>data-race|assert: race) in (?P<fns>{_FN}(?:\S*)"
+         rf"(?: / {_FN}\S*)?)", "KCSAN: {kind} in {fns}", frame="none"),
+    _row("KCSAN", r"BUG: KCSAN: (?P<kind>[\w:-]+(?: [\w-]+)?) in ", "KCSAN: {kind} in {func}",
+         skip=("kcsan",)),
+    _row("KFENCE", rf"BUG: KFENCE: (?P<kind>[a-z-]+(?: (?:read|write|corruption|free))?) in "
+         rf"(?P<fn>{_FN})", "KFENCE: {kind} in {func}", skip=("kfence",)),
     _row("KASAN", r"BUG: KASAN: (?:double-free or invalid-free|double-free|invalid-free) "
          rf"in (?P<fn>{_FN})", "KASAN: invalid-free in {func}",
          skip=("slab_", "kfree", "vunmap", "vfree")),
@@ -115,6 +139,62 @@ REPORT_TYPES: tuple[ReportType, ...] = (
     _row("BUG", r"BUG: using (?P<what>\w+)\(\) in preemptible",
          "BUG: using {what}() in preemptible code in {func}",
          skip=("preempt", "debug_", "processor_id", "this_cpu")),
+    _row("LEAK", r"(?:^|\s)BUG: memory leak$", "memory leak in {func}",
+         skip=("kmemleak", "alloc", "slab", "^kstrn?dup", "^kmemdup", "^kvmemdup", "^kstrdup",
+               "create_object", "^__do_kmalloc", "^__kmalloc", "^kmalloc", "^kzalloc", "^kcalloc",
+               "^krealloc", "^vzalloc", "^vmalloc", "__vmalloc", "^kvmalloc", "^kvzalloc",
+               "^__kvmalloc", "mempool", "^idr_get", "^ida_", "^kobject_", "^kset_",
+               "__alloc_skb", "^alloc_skb", "^sock_alloc_send", "^sk_prot_alloc", "^getname",
+               "^sk_alloc", "kasprintf", "pcpu_", "alloc_percpu", "kobject_set_name", "list_lru",
+               "^kmem_", "^mempool_", "^dst_alloc", "^neigh_alloc", "^kvasprintf", "^kstrdup_const")),
+    _row("BUG", r"BUG: workqueue lockup\b", "BUG: workqueue lockup", frame="none"),
+    _row("BUG", r"BUG: workqueue leaked lock or atomic", "BUG: workqueue leaked lock or atomic in {func}",
+         skip=("process_one_work", "worker_thread"), detail=rf"last function: (?P<fn>{_FN})"),
+    _row("BUG", r"BUG: (?:TASK |IRQ |\w+ )?stack guard page was hit", "BUG: stack guard page was hit "
+         "in {func}", frame="anchor", skip=("^asm_exc", "exc_double_fault", "handle_stack_overflow", "^irq_", "_irq$")),
+    _row("BUG", r"BUG: Dentry .{0,80}still in use .*\[unmount of ", "BUG: Dentry still in use in unmount",
+         frame="none"),
+    _row("BUG", r"BUG: Bad page state in process", "BUG: Bad page state in {func}",
+         skip=("bad_page", "free_page", "free_pages", "free_unref", "free_pcp", "page_frag",
+               "put_page", "free_compound", "^__folio_put", "^folio_put", "release_pages",
+               "free_the_page", "check_free_page", "free_page_is_bad", "destroy_large_folio",
+               "__put_", "page_pool")),
+    _row("BUG", r"BUG: Bad rss-counter state", "BUG: Bad rss-counter state", frame="none"),
+    _row("BUG", r"BUG: Bad page (?P<what>map|cache)", "BUG: Bad page {what} in {func}",
+         skip=("print_bad_pte", "zap_", "unmap_")),
+    _row("BUG", r"BUG: non-zero pgtables_bytes on freeing mm", "BUG: non-zero pgtables_bytes on "
+         "freeing mm", frame="none"),
+    _row("BUG", r"BUG: KASAN: (?P<kind>[a-z-]+) ", "KASAN: {kind} in {func}"),
+    # Lockdep's bracketed headers (kernels before 4.15): `[ BUG: bad unlock balance detected! ]`.
+    _row("LOCKDEP", r"^\[ BUG: (?P<what>bad unlock balance) detected", "BUG: {what} in {func}",
+         skip=_LOCKDEP_SKIP),
+    _row("LOCKDEP", r"^\[ BUG: (?:\S+ )?(?P<what>bad unlock balance|held lock freed|lock held when "
+         r"returning to user space|still has locks held|bad contention|nested lock was not taken)\b",
+         "BUG: {what} in {func}", frame="lock", skip=_LOCKDEP_SKIP),
+    _row("LOCKDEP", r"^\[ INFO: (?:possible circular locking dependency|possible recursive "
+         r"locking|possible irq lock inversion dependency|\S+-safe -> \S+-unsafe lock order) detected",
+         "possible deadlock in {func}", frame="lock", skip=_LOCKDEP_SKIP),
+    _row("LOCKDEP", r"^\[ INFO: inconsistent lock state \]", "inconsistent lock state in {func}",
+         frame="lock"),
+    _row("LOCKDEP", r"^\[ (?:INFO|WARNING): suspicious RCU usage", "suspicious RCU usage in {func}",
+         skip=("rcu", "kmem", "slab"), detail=rf"^(?P<file>{_SRC}):(?P<line>\d+) "),
+    _row("LOCKDEP", r"^WARNING: Nested lock was not taken", "WARNING: nested lock was not taken in {func}",
+         frame="lock"),
+    _row("LOCKDEP", r"INFO: trying to register non-static key",
+         "INFO: trying to register non-static key in {func}", skip=("register_lock_class",
+                                                                    "^assign_lock_key")),
+    # With hashed pointers, `(ptrval)`, syzbot merged the two.
+    _row("BUG", r"^WARNING: kernel stack (?:regs|frame pointer) at\s+\(ptrval\) .* has bad ",
+         "WARNING: kernel stack regs has bad value", frame="none"),
+    _row("BUG", r"^WARNING: kernel stack regs at .* has bad '(?P<reg>\w+)' value",
+         "WARNING: kernel stack regs has bad '{reg}' value", frame="none"),
+    _row("BUG", r"^WARNING: kernel stack frame pointer at .* has bad value",
+         "WARNING: kernel stack frame pointer has bad value", frame="none"),
+    _row("LOCKDEP", r"^\[ BUG: Invalid wait context \]|^BUG: Invalid wait context",
+         "WARNING: locking bug in {func}", skip=_LOCKDEP_SKIP),
+    # SLUB debugging: `BUG kmalloc-8 (Tainted: G B): Object already free`, then its track lines.
+    _row("BUG", r"^BUG [\w-]+ \(.*\): (?P<msg>\S.*)", "BUG: {msg}", frame="none"),
+    _row("BUG", rf"^INFO: (?P<what>Allocated|Freed) in (?P<fn>{_FN})", "INFO: {what} in {func}"),
     # Any other BUG: the kernel's own words are the title.
     _row("BUG", r"(?:^|: )BUG: (?P<msg>\S.*)", "BUG: {msg}", frame="none"),
     # BUG_ON(): `kernel BUG at FILE:LINE!` then `invalid opcode`.
@@ -129,13 +209,19 @@ REPORT_TYPES: tuple[ReportType, ...] = (
     _row("OOPS", r"stack segment: ", "stack segment fault in {func}"),
     _row("OOPS", r"PANIC: double fault", "PANIC: double fault in {func}", attach="open"),
     _row("OOPS", r"divide(?: |_)error: ", "divide error in {func}"),
+    _row("OOPS", r"^(?:Oops: )?int3: ", "int3 in {func}", attach="open"),
     _row("OOPS", r"invalid opcode: ", "invalid opcode in {func}", attach="open"),
     _row("OOPS", r"(?:^|Internal error: )Oops(?: - \w+)?: ", "Oops in {func}", attach="open"),
+    # arm64 and 32-bit ARM.
+    _row("OOPS", r"^Internal error: (?!Oops: )", "Internal error in {func}", attach="open"),
+    _row("OOPS", r"^Unhandled fault: ", "Unhandled fault in {func}"),
     # Lockdep.
     _row("LOCKDEP", r"(?:WARNING|INFO): (?:possible circular locking dependency|possible recursive "
          r"locking|possible irq lock inversion dependency|\S+-safe -> \S+-unsafe lock order) detected",
          "possible deadlock in {func}", frame="lock", skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"(?:WARNING|INFO): inconsistent lock state", "inconsistent lock state in {func}"),
+    _row("LOCKDEP", r"WARNING: (?P<what>bad unlock balance) detected", "WARNING: {what} in {func}",
+         skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"WARNING: (?:\S+ )?(?P<what>bad unlock balance|held lock freed|lock held when "
          r"returning to user space|still has locks held)", "WARNING: {what} in {func}", frame="lock"),
     _row("LOCKDEP", r"(?P<level>WARNING|INFO): suspicious RCU usage",
@@ -148,12 +234,27 @@ REPORT_TYPES: tuple[ReportType, ...] = (
          frame="stall"),
     _row("HUNG_TASK", r"INFO: task .{0,100}? blocked (?:in I/O wait )?for more than \d+ seconds",
          "INFO: task hung in {func}", frame="hang"),
+    _row("HUNG_TASK", r"INFO: task .{0,100}? can't die for more than \d+ seconds",
+         "INFO: task can't die in {func}", frame="hang"),
+    _row("BUG", r"unregister_netdevice: waiting for (?P<dev>\w+?)\d* to become free",
+         "unregister_netdevice: waiting for DEV to become free", frame="none"),
+    _row("BUG", r"^VFS: Close: file count is 0$", "VFS: Close: file count is zero (use-after-free)",
+         frame="none"),
+    _row("BUG", r"^VFS: Busy inodes after unmount of ", "VFS: Busy inodes after unmount (use-after-free)",
+         frame="none"),
     # Panics. Most follow another report and say only that it was fatal.
     _row("PANIC", r"Kernel panic - not syncing: (?P<msg>Fatal exception.*|.*panic_on_\w+ set.*|"
          r"hung_task: blocked tasks|softlockup: hung tasks|Hard LOCKUP|Machine halted\.?)$",
          "kernel panic: {msg}", frame="none", attach="last"),
-    _row("PANIC", rf"Kernel panic - not syncing: stack-protector: Kernel stack is corrupted in: "
-         rf"(?P<fn>{_FN})", "kernel panic: stack is corrupted in {func}", attach="open"),
+    _row("PANIC", r"Kernel panic - not syncing: stack-protector: Kernel stack is corrupted in: "
+         r"(?P<where>\S+)", "kernel panic: stack is corrupted in {func}", attach="open",
+         skip=("__stack_chk_fail", "stack_chk")),
+    _row("PANIC", r"Kernel panic - not syncing: corrupted stack end detected inside scheduler",
+         "kernel panic: corrupted stack end in {func}", attach="open", frame="anchor"),
+    _row("PANIC", r"Kernel panic - not syncing: kernel stack overflow", "kernel stack overflow in {func}",
+         attach="open", frame="anchor", skip=("^asm_exc", "exc_double_fault", "handle_stack_overflow", "^irq_")),
+    _row("PANIC", r"Kernel panic - not syncing: Attempted to kill init!",
+         "kernel panic: Attempted to kill init!", frame="none", attach="open"),
     _row("PANIC", r"Kernel panic - not syncing: (?P<msg>.*)", "kernel panic: {msg}", frame="none",
          attach="open"),
 )
@@ -190,6 +291,67 @@ _GENERIC_FRAMES = (
     "(?:trace|lockdep)_(?:hard|soft)irq", "cleanup_srcu_struct", "__phys_addr",
     "stack_trace_save", "arch_stack_walk", "do_(?:kernel|translation)_fault", "do_mem_abort",
     "el1_abort", "el1h_64_sync",
+    # More report machinery, per sanitizer and arch.
+    "hwasan", "__msan", "kcsan", "kfence", "check_preemption_disabled", "debug_smp_processor_id",
+    "read_word_at_a_time", "(?:read|write)_once_\\w*nocheck", "print_usage_bug", "print_\\w+_bug$",
+    "print_unlock_imbalance", "check_noncircular", "check_prev_add", "validate_chain",
+    "check_irq_usage", "check_usage", "valid_state", "lock_downgrade", "lock_is_held",
+    "walk_stackframe", "unwind_backtrace", "__dump_stack", "show_trace", "warn_alloc",
+    "__might_fault", "raw_spin_rq", "owner_on_cpu", "timer_is_static_object",
+    "work_is_static_object", "seqprop_assert", "__fortify", "fortify_", "stack_trace_consume_entry",
+    "stack_depot", "^nmi_", "arch_trigger_cpumask", "^trigger_\\w+_backtrace",
+    "do_trap_break", "do_debug_exception", "bad_mode", "^el1_", "^el0_sync", "^do_bad_area",
+    "program_check", "^__do_user_fault", "^do_page_fault$", "^exc_page_fault$", "handle_page_fault",
+    "asm_exc_", "^exc_(?:int3|invalid_op|general_protection|debug)", "^do_int3",
+    # Allocators, copies, strings, printing.
+    "^__?alloc_pages", "^alloc_pages", "^__get_free_pages", "^get_zeroed_page", "kmemdup",
+    "^kstrn?dup", "^vzalloc", "^__vmalloc", "^vmalloc", "^kvmalloc", "^kvzalloc", "^kvcalloc",
+    "^kfree_sensitive$", "^kzfree$", "^kfree_rcu", "^__kfree_skb", "^kfree_skb", "^skb_release",
+    "^skb_queue_purge", "^consume_skb", "^__folio_put", "^put_page$",
+    "^copy_page_(?:to|from)_iter", "^copy_folio_to_iter", "^_copy_(?:to|from)_(?:user|iter)",
+    "^copyin$", "^copyout$", "strscpy", "^strlcat", "^strncat", "^strcat", "^strsep", "^strpbrk",
+    "^strim$", "^kstrto", "^simple_strto", "^sscanf", "^vsscanf", "^scnprintf", "^vscnprintf",
+    "^kvasprintf", "^kasprintf", "^sprintf$", "^vsprintf", "^vprintk", "^_printk", "^__printk",
+    "^dev_printk", "^__dev_printk", "^dev_vprintk", "^netdev_(?:info|warn|err|printk)",
+    "^__netdev_printk", "^hex_string", "^number$", "^put_dec", "^format_decode",
+    "^bitmap_", "^find_(?:next|first)_(?:zero_)?bit", "^_find_(?:next|first)_bit", "^__bitmap",
+    "^crc_itu_t", "^crc16", "^crc32", "^jhash", "^siphash", "^memscan", "^__memcpy", "^__memset",
+    "^__memmove", "^sized_strscpy",
+    # Locking, waiting, RCU, timers, work.
+    "^_raw_", "^__raw_", "^do_raw_", "^queued_(?:spin|read|write)_", "^native_queued_spin",
+    "^__pv_queued", "^rwsem_", "^__rwsem", "^percpu_(?:down|up)_", "^percpu_ref_",
+    "^__percpu_(?:down|up)", "^down_trylock", "^__down", "^__up", "^up$", "^ww_mutex",
+    "^__ww_mutex", "^rcu_read_(?:un)?lock", "^__rcu_read", "^srcu_read", "^__srcu_read",
+    "^__wait_for_common",
+    "^wait_for_common", "^do_wait_for_common", "^schedule_timeout", "^prepare_to_wait",
+    "^__queue_work", "^queue_work_on", "^queue_delayed_work", "^mod_delayed_work",
+    "^__queue_delayed_work", "^cancel_delayed_work", "^__flush_work", "^__cancel_work",
+    "^timer_delete", "^try_to_del_timer", "^__try_to_del_timer", "^del_timer_sync",
+    "^hrtimer_cancel", "^hrtimer_try_to_cancel", "^__hrtimer_start", "^hrtimer_start",
+    "^call_rcu", "^__call_rcu", "^kvfree_call_rcu", "^rcu_barrier",
+    # Device model and other registries that only carry the caller's bug.
+    "^device_(?:add|del|unregister|release|destroy|create|register|for_each_child|"
+    "remove_file|create_file)", "^get_device_parent", "^add_uevent_var", "^kobject_uevent",
+    "^devres_release", "^devm_", "^hwrng_unregister", "^i2c_del_adapter", "^__unregister_client",
+    "^i2c_unregister_device", "^rollback_registered", "^unregister_netdevice", "^unregister_netdev$",
+    "^debugfs_", "^proc_create", "^remove_proc", "^device_remove",
+    "^usb_kill_urb", "^usb_kill_anchored_urbs", "^usb_poison_urb", "^usb_submit_urb",
+    "^usb_start_wait_urb", "^usb_bulk_msg", "^usb_control_msg", "^usb_interrupt_msg",
+    "^usb_deregister", "^usb_register", "^tty_unregister_device", "^tty_register_device",
+    "^ida_(?:alloc|free|simple|remove)", "^idr_(?:alloc|remove|find|get)", "^xa_", "^__xa_",
+    "^klist_", "^bus_(?:add|remove)_", "^driver_(?:register|unregister)", "^ref_tracker",
+    "^kref_put", "^kobject_put", "^put_device", "^get_device",
+    "^fput$", "^fput_many", "^__fput_sync", "^dput$", "^iput$", "^mntput", "^path_put",
+    "^nlmsg_", "^netlink_(?:unicast|broadcast)", "^skb_put", "^skb_(?:push|pull|copy|clone)",
+    "^rhashtable_", "^__rhashtable", "^rht_", "^sock_(?:hold|put)$", "^__sock_put", "^sk_free$",
+    "^__sk_free", "^sock_wfree", "^kthread_(?:stop|park|create)", "^__kthread_create",
+    "^perf_trace_", "^trace_event_raw_event", "^__traceiter", "^__trace_", "^trace_",
+    "^__bpf_trace", "^bpf_trace_run", "^should_fail", "do_tag_check_fault", "^__do_kernel_fault",
+    "^logic_(?:in|out)", "^__raw_(?:read|write)[bwlq]$", "__virt_to_phys", "^_dev_(?:info|notice|warn|err)",
+    "^__should_fail", "^fail_dump", "^should_failslab", "^__should_failslab",
+    "^__sanitizer_cov", "^entry_SYSCALL", "^__alloc_frozen_pages", "alloc_frozen_pages",
+    "fast_dput", "^dput", "^(?:drop|clear|inc|set)_nlink$", "^mark_buffer_dirty$", "^folios_put",
+    "^skb_free_head", "^sk_skb_reason_drop", "^sk_stop_timer", "^write_comp_data", "^__kasan", "^kasan",
 )
 
 # Syscall wrappers differ by arch and version; the title uses the bare name.
@@ -207,7 +369,9 @@ _STALL_ANCHORS = re.compile("|".join((
     "ksys_ioctl", "compat_ioctl", "compat_sys_ioctl", "do_iter_readv_writev", "^call_mmap",
     "mmap_region", "do_mmap", "do_dentry_open", "vfs_open", "^sock_sendmsg", "^sock_recvmsg",
     r"^(?:sys_)?(?:socketpair|connect|ioctl)", "__do_fault", "do_page_fault", "^page_fault$",
-    "__fput", "task_work_run", "exit_to_usermode", "smp_call_function", "tasklet_action")))
+    "__fput", "task_work_run", "exit_to_usermode", "smp_call_function", "tasklet_action",
+    "^rtnetlink_rcv_msg", "^nfnetlink_rcv_msg", "^netlink_rcv_skb", "^genl_rcv_msg", "^genl_family_rcv",
+    "^__do_softirq", "^handle_softirqs")))
 
 # Hung tasks: they block wherever the real culprit left them; group the common
 # culprits, otherwise take the first frame that is not waiting machinery.
@@ -222,18 +386,26 @@ _RULER = re.compile(r"^={20,}$")                 # KASAN, UBSAN and lockdep fram
 _END = re.compile(r"---\[ end (?:trace|Kernel panic)")
 _PREAMBLE_REACH = 3     # lines a WARN message may take between `cut here` and `WARNING:`
 
-_TRACE_START = re.compile(r"^\s*Call [Tt]race:")
+# Old kernels glue `Call Trace:` to the line before (`dffffc0000000000Call Trace:`); kmemleak
+# says `backtrace:`, 32-bit ARM `Backtrace:` or nothing (`[<pc>] (fn) from [<lr>]` lines).
+_TRACE_START = re.compile(r"(?:^|\S)\s*Call [Tt]race:|^\s*[Bb]acktrace(?: \(crc [0-9a-f]+\))?:?$")
 _TRACE_END = re.compile(
     r"^\s*(?:</TASK>|---\[ end |Allocated by task|Freed by task|Last potentially "
     r"related|Second to last potentially|The buggy address|Memory state around|Showing all locks "
     r"held|NMI backtrace for|Sending NMI|Kernel Offset:|Modules linked in:|Kernel panic - not syncing)")
+# The frame where a timer interrupt entered: below it is the code it interrupted.
+_IRQ_ENTRY = re.compile(r"apic_timer_interrupt$|^__irq_svc$|^el1_irq$|^el1h_64_irq$|^gic_handle_irq$")
 _IRQ_END = re.compile(r"^\s*(?:</IRQ>|<EOI>)")
 # ` func+0x1a/0x40 [mod]`, ` [<ffffffff81234567>] func+0x1a/0x40`, symbolized
 # ` func+0x1a/0x40 arch/x86/kvm/x86.c:12` and decoded ` func (arch/x86/kvm/x86.c:12)`.
-# Symbolized `func file:line [inline]` lines are not frames of their own.
+# Symbolized `func file:line [inline]` lines are the inlined callers, frames too (syzbot names them).
 _FRAME = re.compile(r"^\s*(?:<(?:IRQ|EOI|NMI)>\s*)?(?:\[<?(?:0x)?[0-9a-f]+>?\]\s*){0,2}(?P<unreliable>\?\s+)?"
-                    r"(?P<name>[A-Za-z_][\w.]*)(?:\+0x[0-9a-f]+/0x[0-9a-f]+|\s+\([^()]*\.\w+:\d+)")
-_RIP = re.compile(r"\b(?:RIP|EIP|NIP|pc|PC is at)\s*:?\s*(?:[0-9a-f]{4}:)?(?:\[<?[0-9a-f]+>?\]\s*){0,2}"
+                    r"(?P<name>[A-Za-z_][\w.]*)(?:\+0x[0-9a-f]+/0x[0-9a-f]+|\s+\([^()]*\.\w+:\d+"
+                    r"|\s+[\w./-]+\.\w+:\d+(?::\d+)? \[inline\])")
+# 32-bit ARM: `[<8011218c>] (unwind_backtrace) from [<8010e300>] (show_stack+0x18/0x1c)`.
+_ARM_FRAME = re.compile(r"^\s*\[<[0-9a-f]+>\] \((?P<name>[A-Za-z_][\w.]*)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?"
+                        r"(?: \[\w+\])?\) from \[<[0-9a-f]+>\] \((?P<caller>[A-Za-z_][\w.]*)")
+_RIP = re.compile(r"(?:\b(?:RIP|EIP|NIP|PC is at)|^pc)\s*:?\s*(?:[0-9a-f]{4}:)?(?:\[<?[0-9a-f]+>?\]\s*){0,2}"
                   r"(?P<name>[A-Za-z_][\w.]*)\+0x[0-9a-f]+")
 _AT = re.compile(r"\bat: (?:\[<?[0-9a-f]+>?\]\s*)?(?P<name>[A-Za-z_][\w.]*)\+0x")
 
@@ -255,7 +427,9 @@ class Report:
     prefixes stripped); file/line say where the kernel reports it fired.
     frames are the reliable frames (not `? `) of the first call trace, kernel
     RIPs inside it included. raw is the report's text; seqs the sequence
-    numbers of the records it spans.
+    numbers of the records it spans. corrupted says the text is not the whole
+    report (cut off, printk messages dropped, no readable frames), so the
+    title is a best guess, as syzkaller flags it; corrupted_reason says why.
     """
     type: str
     title: str
@@ -265,6 +439,8 @@ class Report:
     frames: list[str] = field(default_factory=list)
     raw: str = ""
     seqs: list[int] = field(default_factory=list)
+    corrupted: bool = False
+    corrupted_reason: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -326,6 +502,13 @@ def _group(lines: list[str]) -> list[_Span]:
 class _Trace:
     frames: list[str] = field(default_factory=list)      # reliable frames and kernel RIPs
     after_irq: int = 0      # where the code the timer interrupt hit starts, if it did
+    ended: bool = False     # its end line was seen
+    caller: str | None = None   # 32-bit ARM: the last line's caller, a frame if no line follows
+
+    def close(self) -> None:
+        if self.caller:
+            self.frames.append(self.caller)
+            self.caller = None
 
 
 @dataclass
@@ -347,27 +530,42 @@ def _read_stack(lines: list[str]) -> _Stack:
     st = _Stack()
     cur: _Trace | None = None
     for text in lines:
-        if _TRACE_START.match(text):
+        arm = _ARM_FRAME.match(text)
+        if _TRACE_START.search(text) or (cur is None and arm):
+            if cur:
+                cur.close()
             cur = _Trace()
             st.traces.append(cur)
-        elif cur is None:
+            if not arm:
+                continue
+        if cur is None:
             if not st.traces and (m := _RIP.search(text)):
                 st.rips.append(_base(m["name"]))
             elif not st.traces and (m := _AT.search(text)):
                 st.at.append(_base(m["name"]))
         elif _TRACE_END.match(text):
+            cur.ended = True
+            cur.close()
             cur = None
         elif m := _RIP.search(text):
             cur.frames.append(_base(m["name"]))
         else:
-            if _IRQ_END.match(text):     # old kernels print `<EOI>  [<...>] frame` on one line
-                cur.after_irq = cur.after_irq or len(cur.frames)
-            m = _FRAME.match(text)
-            if m and not m["unreliable"] and not text.endswith("(unreliable)"):
-                cur.frames.append(_base(m["name"]))
-                if m["name"].endswith("apic_timer_interrupt"):
-                    cur.after_irq = cur.after_irq or len(cur.frames)
+            _read_frame(cur, text, arm)
+    if cur:
+        cur.close()
     return st
+
+
+def _read_frame(cur: _Trace, text: str, arm: re.Match | None) -> None:
+    if _IRQ_END.match(text):     # old kernels print `<EOI>  [<...>] frame` on one line
+        cur.after_irq = cur.after_irq or len(cur.frames)
+    m = _FRAME.match(text) or arm
+    if not m or m.groupdict().get("unreliable") or text.endswith("(unreliable)"):
+        return
+    cur.frames.append(_base(m["name"]))
+    cur.caller = _base(arm["caller"]) if arm else None
+    if _IRQ_ENTRY.search(m["name"]):
+        cur.after_irq = cur.after_irq or len(cur.frames)
 
 
 def _strip(frame: str) -> str:
@@ -402,9 +600,11 @@ def _choose_frame(rtype: ReportType, header_fn: str | None, st: _Stack) -> str |
     if rtype.frame == "stall":
         # The stalled CPU's trace is the one interrupted by the timer or NMI;
         # the frames from where its task context resumes are the looping code.
-        irq = next((t for t in st.traces if t.after_irq), None)
+        # The first trace is the stalled CPU's own when its RIP came first (soft lockup).
+        own = st.rips and st.traces and not st.traces[0].after_irq
+        irq = None if own else next((t for t in st.traces if t.after_irq), None)
         candidates = irq.frames[irq.after_irq:] if irq else st.rips + st.first
-    elif rtype.frame == "hang":
+    elif rtype.frame in ("hang", "anchor"):
         candidates = st.first
     elif rtype.frame == "lock":
         candidates = st.at + st.first
@@ -412,7 +612,7 @@ def _choose_frame(rtype: ReportType, header_fn: str | None, st: _Stack) -> str |
         candidates = ([header_fn] if header_fn else []) + st.rips + st.first
     skip = _skip_pattern(rtype.skip)
     frames = [_strip(f) for f in candidates if not skip.search(f)]
-    if rtype.frame == "stall":
+    if rtype.frame in ("stall", "anchor"):
         return _stall_frame(frames)
     if rtype.frame == "hang":
         return _hang_frame(frames)
@@ -431,6 +631,29 @@ def _line_number(text: str | None) -> int | None:
     return int(text) if text is not None and len(text) <= 9 else None
 
 
+# Signs that a report's text is not whole, in the order they are reported.
+_DROPPED = re.compile(r"\*\* \d+ printk messages dropped \*\*")
+_GLUED = re.compile(r".\[\s*\d+\.\d{3,}\](?:\[\s*[TC]\d+\])?")   # a second console prefix mid-line
+_MIN_FRAMES = 3         # a trace cut off by the end of the log before this many frames is truncated
+
+
+def _corruption(rtype: ReportType, func: str | None, st: _Stack, raw: list[str], header: str,
+                at_end: bool) -> str | None:
+    """Why this report's text is not the whole report, or None."""
+    if any(_DROPPED.search(text) for text in raw):
+        return "printk messages were dropped inside it"
+    if _GLUED.search(header):
+        return "interleaved: another line is glued to its header"
+    if rtype.frame == "none":
+        return None
+    if func is None:
+        return "no usable stack frame"
+    last = st.traces[-1] if st.traces else None
+    if at_end and last and not last.ended and len(last.frames) < _MIN_FRAMES:
+        return "truncated: the log ends inside its call trace"
+    return None
+
+
 def _build(span: _Span, lines: list[str], raw_lines: list[str], seqs: list[int]) -> Report:
     rtype = span.rtype
     body = lines[span.header + 1:span.end + 1]
@@ -441,23 +664,54 @@ def _build(span: _Span, lines: list[str], raw_lines: list[str], seqs: list[int])
                 fields = {**{k: v for k, v in m.groupdict().items() if v is not None}, **fields}
                 break
     st = _read_stack(body)
+    if not st.traces:
+        st = _read_stack(["Call Trace:", *body])
     func = _choose_frame(rtype, fields.get("fn") and _base(fields["fn"]), st)
     # syzkaller's word for a report whose frames could not be read
     title = rtype.title.format_map(defaultdict(str, fields, func=func or "corrupted"))
+    raw = raw_lines[span.start:span.end + 1]
+    why = _corruption(rtype, func, st, raw, raw_lines[span.header], span.end == len(lines) - 1)
     return Report(type=rtype.name, title=_stable_title(title), file=fields.get("file"),
                   line=_line_number(fields.get("line")), function=func,
-                  frames=st.first, raw="\n".join(raw_lines[span.start:span.end + 1]),
-                  seqs=list(dict.fromkeys(seqs[span.start:span.end + 1])))
+                  frames=st.first, raw="\n".join(raw),
+                  seqs=list(dict.fromkeys(seqs[span.start:span.end + 1])),
+                  corrupted=why is not None, corrupted_reason=why)
+
+
+@dataclass
+class _Stream:
+    """The lines one printer (a `[T123]` task or `[C1]` CPU) wrote, in order."""
+    index: list[int] = field(default_factory=list)      # each line's place in the whole log
+    seqs: list[int] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def reports(self) -> list[tuple[int, Report]]:
+        # Matching works on left-stripped lines, so that indented excerpts (mails,
+        # commit messages) parse too; raw keeps the text as it was.
+        stripped = [text.lstrip() for text in self.lines]
+        return [(self.index[span.start], _build(span, stripped, self.lines, self.seqs))
+                for span in _group(stripped)]
+
+
+def _streams(records: Iterable[Record]) -> list[_Stream]:
+    """The log split by printer where the console tags lines with one (CONFIG_PRINTK_CALLER):
+    two CPUs' reports printed at once then parse as two whole reports. Untagged
+    lines belong with the line before them."""
+    streams: dict[str | None, _Stream] = {}
+    caller: str | None = None
+    n = 0
+    for rec in records:
+        caller = rec.caller or caller
+        stream = streams.setdefault(caller, _Stream())
+        for text in rec.lines():
+            stream.index.append(n)
+            stream.seqs.append(rec.seq)
+            stream.lines.append(text.rstrip())
+            n += 1
+    return list(streams.values())
 
 
 def parse_reports(records: Iterable[Record]) -> list[Report]:
     """The reports in these records, in log order."""
-    seqs, lines = [], []
-    for rec in records:
-        for text in rec.lines():
-            seqs.append(rec.seq)
-            lines.append(text.rstrip())
-    # Matching works on left-stripped lines, so that indented excerpts (mails,
-    # commit messages) parse too; raw keeps the text as it was.
-    stripped = [text.lstrip() for text in lines]
-    return [_build(span, stripped, lines, seqs) for span in _group(stripped)]
+    found = [rep for stream in _streams(records) for rep in stream.reports()]
+    return [rep for _, rep in sorted(found, key=lambda pair: pair[0])]
