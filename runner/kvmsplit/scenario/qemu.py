@@ -41,7 +41,7 @@ from kvmsplit.tracing import TraceSession, TracingUnavailable
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.machine import GuestError, GuestTimeout
 from kvmsplit.vmm.memory import Backing
-from kvmsplit.vmm.qemu import TEST_GPA, QemuError, QemuExited, QemuVm, Region, low_memory
+from kvmsplit.vmm.qemu import QMP_TIMEOUT, TEST_GPA, QemuError, QemuExited, QemuHung, QemuVm, Region, low_memory
 
 S = CheckStatus
 RING_ENTRY = 16                 # bytes per struct kvm_dirty_gfn
@@ -106,6 +106,7 @@ class QemuScenarioRun:
         self.not_testable: str | None = None
         self.migration: dict | None = None
         self.dirty_rate: dict | None = None
+        self.hung = False
 
     # -- entry point -------------------------------------------------------------------------
     def run(self) -> ScenarioResult:
@@ -136,6 +137,9 @@ class QemuScenarioRun:
                 self.not_testable = f"the guest cannot run an SVM L2 under QEMU here: {why}"
             else:
                 self.error = f"guest failed in phase {self.cur_phase}: {e}"
+        except QemuHung as e:
+            self.error = f"QEMU hung in phase {self.cur_phase}: {e}; killed"
+            self.hung = True
         except QemuError as e:
             self.error = f"QEMU refused a command in phase {self.cur_phase}: {e}"
         except BaseException:
@@ -178,7 +182,8 @@ class QemuScenarioRun:
         ring = s.ring_size // RING_ENTRY if self.mode.ring else 0
         vm = QemuVm(self.image, self.workdir, Region(s.backing, s.size), name=name,
                     low_mem=low_memory(s.size, s.guest_page, s.l2_page if s.is_nested else None),
-                    dirty_ring_entries=ring, cpu=qemu_cpu(s, self.facts), incoming=incoming)
+                    dirty_ring_entries=ring, cpu=qemu_cpu(s, self.facts), incoming=incoming,
+                    qmp_timeout=min(QMP_TIMEOUT, self.opt.phase_timeout or QMP_TIMEOUT))
         return vm.start()
 
     def _start_source(self) -> None:
@@ -211,7 +216,7 @@ class QemuScenarioRun:
                 stderr = q.stderr().strip()
                 if stderr:
                     self.res.extra.setdefault("qemu_stderr", {})[q.name] = stderr.splitlines()[-10:]
-                q.quit(timeout=5.0)
+                q.close() if self.hung else q.quit(timeout=5.0)
         self._close_trace()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ QMP_TIMEOUT = 30.0
 
 class QemuError(Exception):
     """QEMU refused a command or died; the message has QEMU's own words."""
+
+
+class QemuHung(QemuError):
+    """QEMU did not answer QMP in time (stopped, or stuck in the kernel)."""
 
 
 class QemuExited(QemuError):
@@ -87,8 +92,9 @@ class QemuVm:
 
     def __init__(self, image: Path, workdir: Path, region: Region, *, name: str = "src",
                  low_mem: int = 32 * MB, dirty_ring_entries: int = 0, cpu: str = "host",
-                 incoming: str | None = None):
+                 incoming: str | None = None, qmp_timeout: float = QMP_TIMEOUT):
         self.image, self.workdir, self.region, self.name = Path(image), Path(workdir), region, name
+        self.qmp_timeout = qmp_timeout
         self.low_mem, self.dirty_ring_entries, self.cpu, self.incoming = low_mem, dirty_ring_entries, cpu, incoming
         self.console: list[str] = []
         self.child: pexpect.spawn | None = None
@@ -131,7 +137,7 @@ class QemuVm:
         except Exception as e:     # OSError, a timeout, or qemu.qmp's own errors
             self.close()
             raise QemuExited(f"QEMU ({self.name}) did not come up: {e}", self.stderr()) from None
-        self.qmp.settimeout(QMP_TIMEOUT)
+        self.qmp.settimeout(self.qmp_timeout)
         return self
 
     @property
@@ -181,6 +187,8 @@ class QemuVm:
             raise QemuExited(f"QEMU ({self.name}) is not running", self.stderr())
         try:
             resp = self.qmp.cmd_raw(name, args or None)
+        except (TimeoutError, socket.timeout):
+            raise QemuHung(f"QEMU ({self.name}) gave no answer to {name} within {self.qmp_timeout:.0f}s") from None
         except Exception as e:              # the socket closed under us: QEMU died
             raise QemuExited(f"QEMU ({self.name}) went away during {name}: {e}", self.stderr()) from None
         if resp is None:
@@ -238,8 +246,7 @@ class QemuVm:
             self._partial += self.child.before or b""
             raise QemuExited(f"QEMU ({self.name}) exited (status {self._exit_status()})", self.stderr())
         if i == 2:
-            self._partial += self.child.before or b""
-            return None
+            return None             # pexpect keeps what came so far in its buffer for the next look
         raw = self._partial + (self.child.before or b"")
         self._partial = b""
         text = raw.rstrip(b"\r").decode(errors="replace")
@@ -250,11 +257,12 @@ class QemuVm:
     def take_partial(self) -> bytes:
         """What the guest had written of an unfinished line (migration: the rest comes out of the
         destination's COM1)."""
-        with contextlib.suppress(pexpect.TIMEOUT, pexpect.EOF):
-            assert self.child is not None
+        assert self.child is not None
+        with contextlib.suppress(pexpect.EOF):
             self.child.expect([pexpect.TIMEOUT], timeout=0.2)
-        p = self._partial + ((self.child.before if self.child else b"") or b"")
+        p = self._partial + (self.child.before or b"")
         self._partial = b""
+        self.child.buffer = b""     # taken: the destination's console goes on from here
         return p
 
     def prepend(self, partial: bytes) -> None:
@@ -307,5 +315,5 @@ def qemu_processes() -> list[int]:
 
 
 
-__all__ = ["QemuVm", "Region", "QemuError", "QemuExited", "TEST_GPA", "low_memory", "qemu_processes",
+__all__ = ["QemuVm", "Region", "QemuError", "QemuExited", "QemuHung", "TEST_GPA", "low_memory", "qemu_processes",
            "qemu_binary", "PROCESS_TAG", "GB"]
