@@ -637,10 +637,10 @@ _GLUED = re.compile(r".\[\s*\d+\.\d{3,}\](?:\[\s*[TC]\d+\])?")   # a second cons
 _MIN_FRAMES = 3         # a trace cut off by the end of the log before this many frames is truncated
 
 
-def _corruption(rtype: ReportType, func: str | None, st: _Stack, raw: list[str], header: str,
+def _corruption(rtype: ReportType, func: str | None, st: _Stack, dropped: bool, header: str,
                 at_end: bool) -> str | None:
     """Why this report's text is not the whole report, or None."""
-    if any(_DROPPED.search(text) for text in raw):
+    if dropped:
         return "printk messages were dropped inside it"
     if _GLUED.search(header):
         return "interleaved: another line is glued to its header"
@@ -654,7 +654,7 @@ def _corruption(rtype: ReportType, func: str | None, st: _Stack, raw: list[str],
     return None
 
 
-def _build(span: _Span, lines: list[str], raw_lines: list[str], seqs: list[int]) -> Report:
+def _build(span: _Span, lines: list[str], stream: _Stream) -> Report:
     rtype = span.rtype
     body = lines[span.header + 1:span.end + 1]
     fields = {k: v for k, v in span.match.groupdict().items() if v is not None}
@@ -669,12 +669,13 @@ def _build(span: _Span, lines: list[str], raw_lines: list[str], seqs: list[int])
     func = _choose_frame(rtype, fields.get("fn") and _base(fields["fn"]), st)
     # syzkaller's word for a report whose frames could not be read
     title = rtype.title.format_map(defaultdict(str, fields, func=func or "corrupted"))
-    raw = raw_lines[span.start:span.end + 1]
-    why = _corruption(rtype, func, st, raw, raw_lines[span.header], span.end == len(lines) - 1)
+    raw = stream.lines[span.start:span.end + 1]
+    dropped = any(stream.dropped[span.start:span.end + 1])
+    why = _corruption(rtype, func, st, dropped, stream.lines[span.header], span.end == len(lines) - 1)
     return Report(type=rtype.name, title=_stable_title(title), file=fields.get("file"),
                   line=_line_number(fields.get("line")), function=func,
                   frames=st.first, raw="\n".join(raw),
-                  seqs=list(dict.fromkeys(seqs[span.start:span.end + 1])),
+                  seqs=list(dict.fromkeys(stream.seqs[span.start:span.end + 1])),
                   corrupted=why is not None, corrupted_reason=why)
 
 
@@ -684,12 +685,13 @@ class _Stream:
     index: list[int] = field(default_factory=list)      # each line's place in the whole log
     seqs: list[int] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    dropped: list[bool] = field(default_factory=list)   # the console said messages were lost here
 
     def reports(self) -> list[tuple[int, Report]]:
         # Matching works on left-stripped lines, so that indented excerpts (mails,
         # commit messages) parse too; raw keeps the text as it was.
         stripped = [text.lstrip() for text in self.lines]
-        return [(self.index[span.start], _build(span, stripped, self.lines, self.seqs))
+        return [(self.index[span.start], _build(span, stripped, self))
                 for span in _group(stripped)]
 
 
@@ -703,7 +705,9 @@ def _streams(records: Iterable[Record]) -> list[_Stream]:
     for rec in records:
         caller = rec.caller or caller
         stream = streams.setdefault(caller, _Stream())
+        dropped = bool(_DROPPED.search(rec.raw or rec.message))
         for text in rec.lines():
+            stream.dropped.append(dropped)
             stream.index.append(n)
             stream.seqs.append(rec.seq)
             stream.lines.append(text.rstrip())
@@ -715,3 +719,12 @@ def parse_reports(records: Iterable[Record]) -> list[Report]:
     """The reports in these records, in log order."""
     found = [rep for stream in _streams(records) for rep in stream.reports()]
     return [rep for _, rep in sorted(found, key=lambda pair: pair[0])]
+
+
+def corrupted_note(rep: dict) -> str:
+    """What a printed title adds when the report (a Report.to_dict()) is flagged
+    corrupted: ` (corrupted report: REASON)`; the title itself stays as it is, to
+    be searched and deduplicated."""
+    if not rep.get("corrupted"):
+        return ""
+    return f" (corrupted report: {rep.get('corrupted_reason') or 'no reason given'})"

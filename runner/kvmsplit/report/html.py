@@ -14,6 +14,7 @@ import math
 import time
 from html import escape
 
+from kvmsplit.kernellog import corrupted_note
 from kvmsplit.runs.digest import (
     failed,
     host_name,
@@ -207,7 +208,7 @@ def _scenario(sr: ScenarioResult, source: str) -> str:
         out.append('<div class="plots">' + "".join(figs) + "</div>")
     for rep in reports(sr):
         frames = rep.get("frames") or []
-        out.append(f'<div class="kreport"><h3>kernel: {escape(rep.get("title", "report"))}</h3>'
+        out.append(f'<div class="kreport"><h3>kernel: {escape(rep.get("title", "report") + corrupted_note(rep))}</h3>'
                    + (f"<p>call trace: {escape(' < '.join(frames))}</p>" if frames else "")
                    + f"<pre>{escape(report_text(rep))}</pre></div>")
     if sr.checks:

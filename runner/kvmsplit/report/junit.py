@@ -11,7 +11,8 @@ import re
 import time
 import xml.etree.ElementTree as ET
 
-from kvmsplit.runs.digest import failure_text, headline, host_name, kernel_release, kind, series_label
+from kvmsplit.kernellog import corrupted_note
+from kvmsplit.runs.digest import failure_text, headline, host_name, kernel_release, kind, reports, series_label
 from kvmsplit.runs.results import ERROR, FAIL, MISS, SKIP, UNCONFIRMED, RunResult, ScenarioResult
 
 # XML 1.0 cannot carry most control characters, and kernel logs and guest
@@ -36,7 +37,8 @@ def _testcase(rr: RunResult, sr: ScenarioResult, source: str) -> ET.Element:
                     time=f"{sr.duration_s or 0.0:.3f}")
     if sr.verdict in (FAIL, ERROR):
         el = ET.SubElement(tc, "failure" if sr.verdict == FAIL else "error",
-                           message=_x(headline(sr)), type=sr.verdict)
+                           message=_x(headline(sr) + corrupted_note(next(iter(reports(sr)), {}))),
+                           type=sr.verdict)
         el.text = _x(failure_text(sr, source))
         if sr.console_tail:
             ET.SubElement(tc, "system-out").text = _x("\n".join(sr.console_tail))

@@ -12,6 +12,7 @@ import json
 import re
 from datetime import UTC, datetime
 
+from kvmsplit.kernellog import corrupted_note
 from kvmsplit.runs.digest import (
     failed,
     failure_text,
@@ -28,6 +29,14 @@ ORIGIN = "kvmsplit"
 SCHEMA = {"major": 5, "minor": 3}
 LOG_EXCERPT_MAX = 16384        # KCIDB's limit on log_excerpt
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _corrupted(rep: dict) -> dict:
+    """A corrupted report's incident says so: its title is a best guess."""
+    if not corrupted_note(rep):
+        return {}
+    return {"comment": f"corrupted report: {rep.get('corrupted_reason')}",
+            "misc": {"corrupted": True, "corrupted_reason": rep.get("corrupted_reason")}}
 
 
 def _time(ts: float) -> str:
@@ -107,6 +116,6 @@ def kcidb_fragment(rr: RunResult, source: str) -> dict:
                                 "report_subject": title, "culprit": {"code": True}}
             incidents.append({"id": f"{test_id}-{j}", "origin": ORIGIN, "issue_id": issue_id,
                               "issue_version": 1, "test_id": test_id, "build_id": build_id,
-                              "present": True})
+                              "present": True, **_corrupted(rep)})
     return {"version": SCHEMA, "checkouts": [_checkout(rr, checkout_id)], "builds": [build],
             "tests": tests, "issues": list(issues.values()), "incidents": incidents}

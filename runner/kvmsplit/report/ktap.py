@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
+from kvmsplit.kernellog import corrupted_note
 from kvmsplit.runs.digest import failed, host_name, kernel_release, reports, rerun_command, results_source, series_label
 from kvmsplit.runs.results import ERROR, FAIL, MISS, PASS, SKIP, UNCONFIRMED, RunResult, ScenarioResult
 
@@ -39,8 +40,8 @@ def result(sr: ScenarioResult, number: int, source: str) -> list[str]:
     in_directive = sr.verdict in (SKIP, ERROR, UNCONFIRMED) and sr.reasons
     why = _clean(sr.reasons[0]) if in_directive else ""
     diag = [f"# {_line(r)}" for r in sr.reasons[1 if in_directive else 0:]]
-    diag += [f"# kernel: {_line(t)}" for t in (rep.get("title", "") for rep in reports(sr))
-             if not any(t in r for r in sr.reasons)]
+    diag += [f"# kernel: {_line(rep.get('title', '') + corrupted_note(rep))}" for rep in reports(sr)
+             if rep.get("corrupted") or not any(rep.get("title", "") in r for r in sr.reasons)]
     if failed(sr):
         diag.append(f"# rerun: {rerun_command(source, sr.name)}")
     name = _clean(sr.name)
