@@ -203,3 +203,26 @@ def test_bad_backend_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvmsplit", "run", "--scenario", str(f)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 65 and "the QEMU backend runs one vCPU" in r.stderr
+
+
+def test_kvmsplit_trace_shows_the_logging_window_qemu_opened_and_closed(tmp_path):
+    """`kvmsplit trace` on a QEMU run (QEMU is a grandchild: followed through the fork and exec):
+    calc-dirty-rate turns logging on for the test DIMM's memslot once and off once."""
+    f = tmp_path / "q.toml"
+    f.write_text('[[scenario]]\nname = "rate"\nbackend = "qemu"\nqemu_flow = "dirty-rate"\nsize = "16M"\n'
+                 'passes = 1\n')
+    out = tmp_path / "trace.json"
+    r = subprocess.run([sys.executable, "-m", "kvmsplit", "trace", "-o", str(out), "--", sys.executable, "-m",
+                        "kvmsplit", "run", "--scenario", str(f), "-o", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=600)
+    d = json.loads(out.read_text())
+    assert r.returncode == 0 == d["exit_code"], r.stderr[-2000:]
+    test_slots = [m for m in d["summary"]["memslots"]
+                  if m["guest_phys_addr"] == 1 << 32 and m["memory_size"] == 16 * MB]
+    windows = [w for m in test_slots for w in m["dirty_log_windows"]]
+    assert len(windows) == 1 and windows[0]["ended_by"] == "flags", test_slots
+    w = windows[0]
+    rr = json.loads((tmp_path / "run" / "results.json").read_text())["scenarios"][0]
+    assert rr["verdict"] == "PASS", rr["reasons"]
+    # the window spans the measurement: at least calc-dirty-rate's calc-time
+    assert w["duration_ms"] >= 1000 * rr["dirty"]["dirty_rate"]["calc_time_s"] * 0.9

@@ -128,6 +128,8 @@ class Comparison:
     phases: list[PhaseTime] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
+    # the same scenario on two VMMs (kvmsplit's own and QEMU): the A/B view
+    backends: list[tuple[ScenarioResult, ScenarioResult]] = field(default_factory=list)
 
     @property
     def regressions(self) -> list[PhaseTime]:
@@ -156,8 +158,26 @@ def compare(a: RunResult, b: RunResult, history: History) -> Comparison:
             c.fixed.append((sa, sb))
         if sa and sa.observed_split and sb.observed_split and sa.observed_split != sb.observed_split:
             c.split_changes.append((sa, sb))
+        if sa and backend(sa) != backend(sb):
+            c.backends.append((sa, sb))
         c.phases += _phase_times(a, sa, b, sb, history)
     return c
+
+
+def backend(s: ScenarioResult) -> str:
+    """The VMM a scenario ran on: kvm (kvmsplit's own) or qemu; '-' for other kinds (selftests)."""
+    return str(s.scenario.get("backend", "kvm")) if "dirty_mode" in s.scenario else "-"
+
+
+AB_PHASES = ("boot", "populate", "enable", "dirty-1", "recovery", "verify")
+
+
+def ab_line(sa: ScenarioResult, sb: ScenarioResult) -> str:
+    """One scenario on two VMMs: verdicts, splits, and the phase times side by side."""
+    ta, tb = ({p.name: p.duration_s for p in s.phases} for s in (sa, sb))
+    times = ", ".join(f"{n} {ta[n]:.2f}/{tb[n]:.2f}s" for n in AB_PHASES if n in ta and n in tb)
+    return (f"  {sb.name}: {sa.verdict}/{sb.verdict}, split {sa.observed_split or '-'}/"
+            f"{sb.observed_split or '-'}" + (f"; {times}" if times else ""))
 
 
 def _phase_times(a: RunResult, sa: ScenarioResult | None, b: RunResult, sb: ScenarioResult,
@@ -208,6 +228,10 @@ def format_comparison(c: Comparison, ref_a: str, ref_b: str, source_b: str) -> s
         out.append(f"phase times: not enough samples to judge {len(unjudged)} phase(s) of "
                    f"{len(names)} scenario(s): need {MIN_SAMPLES} earlier runs of the same "
                    f"scenario on {host_name(c.b)}, have {'/'.join(map(str, have))}")
+    if c.backends:
+        pairs = sorted({f"A {backend(sa)}, B {backend(sb)}" for sa, sb in c.backends})
+        section(f"the same scenarios on two VMMs ({'; '.join(pairs)}): A/B verdict, split, phase times",
+                [ab_line(sa, sb) for sa, sb in c.backends])
     if c.only_a:
         out.append(f"only in A ({len(c.only_a)}): {', '.join(c.only_a)}")
     if c.only_b:

@@ -208,9 +208,10 @@ class QemuScenarioRun:
             self.trace = None
 
     def _teardown(self) -> None:
-        vm = self.vm or self.src
-        if vm is not None:
-            self.res.console_tail = vm.console[-20:]
+        if self.src is not None:
+            self.res.console_tail = self.src.console[-20:]
+        if self.dst is not None and self.dst.console:
+            self.res.console_tail = [*self.res.console_tail[-10:], "-- destination --", *self.dst.console[-10:]]
         for q in (self.dst, self.src):
             if q is not None:
                 stderr = q.stderr().strip()
