@@ -226,3 +226,28 @@ def test_kvmsplit_trace_shows_the_logging_window_qemu_opened_and_closed(tmp_path
     assert rr["verdict"] == "PASS", rr["reasons"]
     # the window spans the measurement: at least calc-dirty-rate's calc-time
     assert w["duration_ms"] >= 1000 * rr["dirty"]["dirty_rate"]["calc_time_s"] * 0.9
+
+
+def test_the_same_scenario_on_both_backends_side_by_side(tmp_path):
+    """A/B: one scenario file run on kvmsplit's VMM and on QEMU; `compare` and the HTML
+    report (`--against`) put the two side by side by name."""
+    f = tmp_path / "ab.toml"
+    f.write_text('[[scenario]]\nname = "ab/thp"\nsize = "32M"\n')
+    db = tmp_path / "h.sqlite"
+
+    def kvmsplit(*args):
+        r = subprocess.run([sys.executable, "-m", "kvmsplit", *map(str, args)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+    kvmsplit("run", "--scenario", f, "-o", tmp_path / "a", "--db", db)
+    kvmsplit("run", "--scenario", f, "--backend", "qemu", "-o", tmp_path / "b", "--db", db)
+    out = kvmsplit("compare", tmp_path / "a" / "results.json", tmp_path / "b" / "results.json", "--db", db)
+    assert "the same scenarios on two VMMs (A kvm, B qemu)" in out
+    line = next(x for x in out.splitlines() if x.startswith("  ab/thp: "))
+    assert line.startswith("  ab/thp: PASS/PASS, split lazy/lazy; boot ") or "eager" in line
+    kvmsplit("report", tmp_path / "b" / "results.json", "--against", tmp_path / "a" / "results.json",
+             "-o", tmp_path / "r.html", "--db", db)
+    html = (tmp_path / "r.html").read_text()
+    assert "<h2>A/B: the same scenarios on two VMMs" in html and '<span class="tag">qemu</span>' in html
+    assert html.count("<td>ab/thp</td>") == 1

@@ -125,8 +125,9 @@ def cmd_report(args) -> int:
         out = run.path.with_name("report.html")
     else:
         out = Path(f"kvmsplit-{run.rr.run_id}.html")
+    against = open_run(args.against, History(args.db)).rr if args.against else None
     try:
-        write_atomic(out, html_report(run.rr, run.source))
+        write_atomic(out, html_report(run.rr, run.source, against))
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror}") from None
     print(f"report: {out}")
@@ -178,6 +179,8 @@ def add_parsers(sub) -> None:
                          "facts: what to attach to a bug report")
     sp.add_argument("--scenario", metavar="NAME", help="with --reproducer: this scenario (default: the "
                                                        "first that failed)")
+    sp.add_argument("--against", metavar="RUN_A",
+                    help="an A/B view: the scenarios RUN_A ran on another VMM (--backend), side by side")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log")

@@ -15,6 +15,7 @@ import time
 from html import escape
 
 from kvmsplit.kernellog import corrupted_note
+from kvmsplit.runs.compare import AB_PHASES, backend
 from kvmsplit.runs.digest import (
     failed,
     host_name,
@@ -49,6 +50,7 @@ section.scenario{border-top:2px solid #d1d9e0;margin-top:22px}
 pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px;line-height:1.35}
 code.rerun{background:#fff8c5;padding:2px 6px}
 .kreport{border-left:4px solid #cf222e;padding-left:10px}
+.tag{font-size:11px;background:#ddf4ff;border-radius:3px;padding:0 4px}
 """
 
 
@@ -180,12 +182,16 @@ def _dirty_cell(sr: ScenarioResult) -> str:
     return f"{h}/{w}" + (f" ({miss} missing)" if miss else "")
 
 
+def _vmm_tag(sr: ScenarioResult) -> str:
+    return ' <span class="tag">qemu</span>' if backend(sr) == "qemu" else ""
+
+
 def _summary(rr: RunResult) -> str:
     rows = []
     for sr in rr.scenarios:
         dur = f"{sr.duration_s:.2f}" if sr.duration_s is not None else "-"
         why = escape(sr.reasons[0]) if sr.reasons else ""
-        rows.append(f'<tr><td><a href="#s-{slug(sr.name)}">{escape(sr.name)}</a></td>'
+        rows.append(f'<tr><td><a href="#s-{slug(sr.name)}">{escape(sr.name)}</a>{_vmm_tag(sr)}</td>'
                     f"<td>{badge(sr.verdict)}</td><td>{_split_cell(sr)}</td><td class=num>{_dirty_cell(sr)}</td>"
                     f"<td class=num>{dur}</td><td>{why}</td></tr>")
     return ("<table><tr><th>scenario</th><th>verdict</th><th>split observed / expected</th>"
@@ -242,7 +248,27 @@ def _host(rr: RunResult) -> str:
             f"</summary><pre>{escape(json.dumps(f, indent=1, default=str))}</pre></details></section>")
 
 
-def html_report(rr: RunResult, source: str) -> str:
+def _ab(rr: RunResult, against: RunResult | None) -> str:
+    """The A/B view: each scenario that ran on another VMM in `against` (A) than here (B)."""
+    if against is None:
+        return ""
+    in_a = {s.name: s for s in against.scenarios}
+    pairs = [(in_a[sb.name], sb) for sb in rr.scenarios if sb.name in in_a and backend(in_a[sb.name]) != backend(sb)]
+    if not pairs:
+        return f"<h2>A/B</h2><p>no scenario of this run ran on another VMM in run {escape(against.run_id)}</p>"
+    rows = []
+    for sa, sb in pairs:
+        ta, tb = ({p.name: p.duration_s for p in x.phases} for x in (sa, sb))
+        times = ", ".join(f"{n} {ta[n]:.2f}/{tb[n]:.2f}" for n in AB_PHASES if n in ta and n in tb)
+        rows.append(f"<tr><td>{escape(sb.name)}</td><td>{badge(sa.verdict)} {escape(backend(sa))}</td>"
+                    f"<td>{badge(sb.verdict)} {escape(backend(sb))}</td><td>{_split_cell(sa)}</td>"
+                    f"<td>{_split_cell(sb)}</td><td class=num>{escape(times)}</td></tr>")
+    return (f"<h2>A/B: the same scenarios on two VMMs (A = run {escape(against.run_id)})</h2>"
+            "<table><tr><th>scenario</th><th>A</th><th>B (this run)</th><th>A split observed / expected</th>"
+            "<th>B split observed / expected</th><th>phase seconds A/B</th></tr>" + "".join(rows) + "</table>")
+
+
+def html_report(rr: RunResult, source: str, against: RunResult | None = None) -> str:
     c = rr.counts()
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rr.started))
     took = f", {rr.finished - rr.started:.0f} s" if rr.finished else ", unfinished"
@@ -256,6 +282,6 @@ def html_report(rr: RunResult, source: str) -> str:
             f'<p class="meta">run {escape(rr.run_id)} &middot; {when}{took}{state}{series} &middot; '
             f"kvmsplit {escape(rr.kvmsplit_version)}</p>"
             f'<p class="counts">{counts}</p>'
-            f"<h2>Summary</h2>{_summary(rr)}"
+            f"<h2>Summary</h2>{_summary(rr)}{_ab(rr, against)}"
             + "".join(_scenario(sr, source) for sr in rr.scenarios)
             + _host(rr) + "</body></html>\n")
