@@ -90,3 +90,14 @@ def test_a_reproducer_needs_a_failing_or_named_scenario(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(rr))
     r = kvmsplit("report", "--reproducer", tmp_path)
     assert r.returncode in (EXIT_USAGE, 65) and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_rerun_repeats_an_emulated_scenario_with_the_same_parameters(scenario_file, tmp_path):
+    kvmsplit("run", "--scenario", scenario_file, "-k", "emulated/bitmap", "-o", tmp_path / "first")
+    r = kvmsplit("rerun", tmp_path / "first", "--repeat", 2, "-o", tmp_path / "again")
+    assert "emulated/bitmap: 0 of 2 repeats failed (PASS 2)" in r.stdout.splitlines(), r.stdout[-2000:]
+    first = json.loads((tmp_path / "first" / "results.json").read_text())["scenarios"][0]["scenario"]
+    for i in (1, 2):
+        again = json.loads((tmp_path / "again" / f"repeat-{i}" / "results.json").read_text())
+        assert [s["scenario"] for s in again["scenarios"]] == [first]
+    assert r.returncode == 0, r.stderr[-2000:]
