@@ -11,7 +11,8 @@ from pathlib import Path
 
 from kvmsplit.cli.options import add_db
 from kvmsplit.errors import EXIT_FAILED, EXIT_OK, UsageError, read_input
-from kvmsplit.kernellog import parse_log_text, parse_reports
+from kvmsplit.kernellog import Report, corrupted_note, parse_log_text, parse_reports
+from kvmsplit.kernellog.follow import QUIET_S, End, follow
 from kvmsplit.report.html import html_report
 from kvmsplit.report.outputs import write_atomic
 from kvmsplit.runs.compare import compare, format_comparison
@@ -135,16 +136,47 @@ def cmd_report(args) -> int:
 
 
 def cmd_kernellog(args) -> int:
-    """Scan a saved kernel log (dmesg, console, /dev/kmsg dump) for reports."""
+    """Scan a saved kernel log (dmesg, console, /dev/kmsg dump) for reports, or
+    follow a live one and print each report as it completes."""
+    if args.follow:
+        return _follow_kernellog(args)
+    if args.file is None:
+        raise UsageError("kernellog: name a FILE (or - for stdin), or --follow [FILE|/dev/kmsg]")
     text = sys.stdin.read() if args.file == "-" else read_input(args.file, errors="replace")
     reports = parse_reports(parse_log_text(text))
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=1))
     else:
         for r in reports:
-            print(f"{r.title}\n  " + "\n  ".join(r.frames[:8]) if r.frames else r.title)
+            _print_report(r)
         print(f"{len(reports)} report(s) in {args.file}")
     return EXIT_FAILED if reports else EXIT_OK
+
+
+def _print_report(r: Report) -> None:
+    title = r.title + corrupted_note(r.to_dict())
+    print(f"{title}\n  " + "\n  ".join(r.frames[:8]) if r.frames else title, flush=True)
+
+
+def _follow_kernellog(args) -> int:
+    """Until the input ends or Ctrl-C: both end the command normally, after the
+    reports still pending are printed. JSON: one report object per line."""
+    if not args.quiet > 0:
+        raise UsageError(f"kernellog: --quiet must be more than 0 seconds, not {args.quiet:g}")
+    source = args.file or "/dev/kmsg"
+    found = []
+
+    def show(r: Report) -> None:
+        found.append(r)
+        if args.json:
+            print(json.dumps(r.to_dict()), flush=True)
+        else:
+            _print_report(r)
+    end = follow(source, show, quiet_s=args.quiet)
+    if not args.json:
+        print(f"{len(found)} report(s) in {source} ({'interrupted' if end is End.INTERRUPTED else end})",
+              flush=True)
+    return EXIT_FAILED if found else EXIT_OK
 
 
 def add_parsers(sub) -> None:
@@ -183,7 +215,16 @@ def add_parsers(sub) -> None:
                     help="an A/B view: the scenarios RUN_A ran on another VMM (--backend), side by side")
     sp.set_defaults(func=cmd_report)
 
-    sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log")
-    sp.add_argument("file", help="dmesg output, a console log or a /dev/kmsg dump; - for stdin")
-    sp.add_argument("--json", action="store_true")
+    sp = sub.add_parser("kernellog", help="list the kernel reports (WARNING, BUG, KASAN...) in a saved log, "
+                                          "or follow a live one")
+    sp.add_argument("file", nargs="?", metavar="FILE",
+                    help="dmesg output, a console log or a /dev/kmsg dump; - for stdin. With --follow: "
+                         "a console being written (a FIFO, a pty, a growing file) or /dev/kmsg (the "
+                         "default: new records only)")
+    sp.add_argument("--follow", "-f", action="store_true",
+                    help="print each report as it completes, until the input ends or Ctrl-C")
+    sp.add_argument("--quiet", type=float, default=QUIET_S, metavar="SECONDS",
+                    help=f"with --follow: a report with no end marker is printed once the log has been "
+                         f"quiet this long (default {QUIET_S:g})")
+    sp.add_argument("--json", action="store_true", help="reports as JSON (with --follow: one per line)")
     sp.set_defaults(func=cmd_kernellog)

@@ -78,7 +78,8 @@ def _encode(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-def _looks_like_kmsg(line: str) -> bool:
+def looks_like_kmsg(line: str) -> bool:
+    """Whether a line is a /dev/kmsg record's header line (`prio,seq,ts,flags;`)."""
     return _KMSG_HEAD.match(line) is not None
 
 
@@ -182,7 +183,8 @@ _CONSOLE_PREFIX = re.compile(
     r"(?:\s?\[\s*(?P<caller>[TC]\d+)\])?\s?")
 
 
-def _parse_console_line(number: int, line: str) -> Record:
+def parse_console_line(number: int, line: str) -> Record:
+    """One line of console or dmesg text as a record (its prefix, if any, taken off)."""
     m = _CONSOLE_PREFIX.match(line) or _CONSOLE_PREFIX.search(line, 0, _PROMPT_REACH)
     if not m:
         return Record(seq=number, message=line, raw=line)
@@ -222,6 +224,6 @@ def parse_log_text(text: str) -> list[Record]:
     """
     lines = text.splitlines()
     first = next((ln for ln in lines if ln.strip()), "")
-    if _looks_like_kmsg(first):
+    if looks_like_kmsg(first):
         return list(_parse_kmsg_lines(lines))
-    return [_parse_console_line(n, ln) for n, ln in enumerate(lines, 1)]
+    return [parse_console_line(n, ln) for n, ln in enumerate(lines, 1)]

@@ -454,6 +454,7 @@ class _Span:
     header: int
     end: int            # last line, inclusive
     ruler: str | None   # the ruler that opened it: the same ruler closes it
+    closed: bool = False    # an end marker or its closing ruler ended it
 
 
 def _match_start(text: str) -> tuple[ReportType, re.Match] | None:
@@ -470,7 +471,7 @@ def _group(lines: list[str]) -> list[_Span]:
     preamble: int | None = None
     for i, text in enumerate(lines):
         if cur and (_END.search(text) or (cur.ruler and i > cur.header and text == cur.ruler)):
-            cur.end, cur = i, None
+            cur.end, cur.closed, cur = i, True, None
             continue
         if _CUT_HERE.search(text) or _RULER.match(text):
             preamble = i
@@ -485,7 +486,7 @@ def _group(lines: list[str]) -> list[_Span]:
             continue
         if rtype.attach == "last" and spans:
             cur = spans[-1]
-            cur.end = i
+            cur.end, cur.closed = i, False
             continue
         start = i
         if (preamble is not None and i - preamble <= _PREAMBLE_REACH
@@ -682,16 +683,18 @@ def _build(span: _Span, lines: list[str], stream: _Stream) -> Report:
 @dataclass
 class _Stream:
     """The lines one printer (a `[T123]` task or `[C1]` CPU) wrote, in order."""
+    printer: str | None = None
     index: list[int] = field(default_factory=list)      # each line's place in the whole log
     seqs: list[int] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     dropped: list[bool] = field(default_factory=list)   # the console said messages were lost here
 
-    def reports(self) -> list[tuple[int, Report]]:
+    def reports(self) -> list[Found]:
         # Matching works on left-stripped lines, so that indented excerpts (mails,
         # commit messages) parse too; raw keeps the text as it was.
         stripped = [text.lstrip() for text in self.lines]
-        return [(self.index[span.start], _build(span, stripped, self))
+        return [Found(self.index[span.start], self.index[span.header], _build(span, stripped, self),
+                      span.closed, len(self.lines) - 1 - span.end, self.printer)
                 for span in _group(stripped)]
 
 
@@ -704,7 +707,7 @@ def _streams(records: Iterable[Record]) -> list[_Stream]:
     n = 0
     for rec in records:
         caller = rec.caller or caller
-        stream = streams.setdefault(caller, _Stream())
+        stream = streams.setdefault(caller, _Stream(caller))
         dropped = bool(_DROPPED.search(rec.raw or rec.message))
         for text in rec.lines():
             stream.dropped.append(dropped)
@@ -715,10 +718,36 @@ def _streams(records: Iterable[Record]) -> list[_Stream]:
     return list(streams.values())
 
 
+@dataclass
+class Found:
+    """A report where it was found: what a follower of a live log needs to know
+    whether more lines could still change it. at and header are line numbers in
+    the whole log (its first line, its header line); after counts the lines its
+    printer (the console's caller tag, None for untagged text) wrote after it."""
+    at: int
+    header: int
+    report: Report
+    closed: bool
+    after: int
+    printer: str | None = None
+
+
+def is_boundary(text: str) -> bool:
+    """Whether a log line can start, end or close a report: the lines after which
+    a follower of a live log looks again."""
+    text = text.strip()
+    return bool(_END.search(text) or _RULER.match(text) or _match_start(text))
+
+
+def find_reports(records: Iterable[Record]) -> list[Found]:
+    """The reports in these records, in log order, with where they were found."""
+    found = [f for stream in _streams(records) for f in stream.reports()]
+    return sorted(found, key=lambda f: f.at)
+
+
 def parse_reports(records: Iterable[Record]) -> list[Report]:
     """The reports in these records, in log order."""
-    found = [rep for stream in _streams(records) for rep in stream.reports()]
-    return [rep for _, rep in sorted(found, key=lambda pair: pair[0])]
+    return [f.report for f in find_reports(records)]
 
 
 def corrupted_note(rep: dict) -> str:
