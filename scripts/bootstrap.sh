@@ -18,6 +18,7 @@ if [ "$profile" = test ]; then
         qemu-system-x86 busybox-static           # kvmsplit vm (virtme-ng)
         linux-image-amd64                        # a kernel under test to boot
         chromium                                 # screenshots of the HTML report
+        openssh-server b4                        # kvmsplit remote's boxes (real sshd); series by message-id
     )
 fi
 missing=()

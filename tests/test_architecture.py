@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "runner" / "kvmsplit"
 
 # Lower layers never import higher ones; packages of one rank stay apart.
 RANK = {"": 0, "vmm": 1, "kernellog": 1, "tracing": 1, "host": 2, "syscalls": 2, "runs": 3, "report": 4, "kernel": 4,
-        "scenario": 5, "selftests": 5, "cli": 6}
+        "remote": 4, "scenario": 5, "selftests": 5, "series": 5, "cli": 6}
 
 # module -> why its function-level import cannot be at the top (none today;
 # `if TYPE_CHECKING:` imports are for annotations only and count as neither)

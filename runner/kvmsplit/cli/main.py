@@ -10,11 +10,11 @@ import signal
 import sys
 
 from kvmsplit import __version__
-from kvmsplit.cli import host, kernel, report, rerun, scenarios, selftests, trace
+from kvmsplit.cli import host, kernel, remote, report, rerun, scenarios, selftests, series, trace
 from kvmsplit.cli.options import Parser
 from kvmsplit.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
 
-COMMAND_GROUPS = (host, scenarios, kernel, report, rerun, selftests, trace)
+COMMAND_GROUPS = (host, scenarios, kernel, report, rerun, selftests, trace, remote, series)
 
 
 def build_parser() -> Parser:

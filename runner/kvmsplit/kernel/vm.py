@@ -33,7 +33,8 @@ from elftools.elf.elffile import ELFFile
 
 from kvmsplit import __version__
 from kvmsplit.errors import NoInputError, UnavailableError, UsageError
-from kvmsplit.kernellog import KernelLogFormatError, parse_log_text, parse_reports
+from kvmsplit.kernellog import Report, corrupted_note
+from kvmsplit.kernellog.follow import ReportFollower
 from kvmsplit.paths import REPO_ROOT, cache_dir
 from kvmsplit.runs.results import RunResult, ScenarioResult, Verdict
 from kvmsplit.runs.schema import load_results
@@ -213,6 +214,7 @@ class VmOutcome:
     detail: str = ""
     boot_s: float | None = None
     wall_s: float = 0.0
+    append: str | None = None   # the kernel command line options it booted with (a rerun boots the same)
 
 
 def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, boot_attempts: int = 2,
@@ -249,12 +251,13 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
         args += [f"--append={append}"]
     args += ["--", _script(_inner_command(argv, outdir), panic_after)]
     tail: deque[str] = deque(maxlen=CONSOLE_TAIL)
+    watch = ReportFollower(_say_report(echo))    # kvmsplit kernellog --follow, on this console
     t0 = time.monotonic()
     # vng runs its siblings (virtme-run) through PATH: put its own bin directory first
     path = os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")])
     child = pexpect.spawn(vng, args, encoding="utf-8", codec_errors="replace", timeout=None,
                           env={**os.environ, "TERM": "dumb", "PATH": path})
-    out = VmOutcome(VmState.NO_BOOT, None, None, [])
+    out = VmOutcome(VmState.NO_BOOT, None, None, [], append=append)
     patterns = [rf"{BOOTED} (\S+)", rf"{EXITED} (\d+)", PANIC_RE, r"\n", pexpect.EOF, pexpect.TIMEOUT]
     try:
         while True:
@@ -265,6 +268,7 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
                 line = line.rstrip("\r")
                 if line and "TCG doesn't support requested feature" not in line:
                     tail.append(line)
+                    watch.feed_line(line)
                     if echo and out.state is not VmState.NO_BOOT and not KERNEL_LINE.match(line):
                         echo(line)
             if i == 0:
@@ -279,8 +283,11 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
                 child.expect([r"\n", pexpect.EOF, pexpect.TIMEOUT], timeout=2)
                 line = (line + (child.before or "")).strip()
                 child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3)
+                rest = [ln.rstrip("\r") for ln in (child.before or "").splitlines() if ln.strip()]
                 tail.append(line)
-                tail.extend(ln.rstrip("\r") for ln in (child.before or "").splitlines() if ln.strip())
+                tail.extend(rest)
+                for ln in [line, *rest]:
+                    watch.feed_line(ln)
                 out.state, out.detail = VmState.PANIC, line
                 break
             elif i == 4:
@@ -300,14 +307,27 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
         _kill_group(child)
         out.wall_s = time.monotonic() - t0
         out.console = list(tail)
+        watch.finish()
     return out
 
 
 def _console_reports(lines: list[str]) -> list[dict]:
-    try:
-        return [r.to_dict() for r in parse_reports(parse_log_text("\n".join(lines)))]
-    except KernelLogFormatError:
-        return []
+    """The reports in console lines, parsed as `kvmsplit kernellog --follow` does."""
+    follower = ReportFollower()
+    for line in lines:
+        follower.feed_line(line)
+    follower.finish()
+    return [r.to_dict() for r in follower.reports]
+
+
+def _say_report(echo):
+    """Each kernel report on the console, said as soon as it is complete."""
+    if echo is None:
+        return None
+
+    def say(r: Report) -> None:
+        echo(f"kvmsplit vm: kernel report: {r.title}{corrupted_note(r.to_dict())}")
+    return say
 
 
 def _kill_group(child) -> None:
@@ -328,7 +348,7 @@ def record(outcome: VmOutcome, kernel: KernelUnderTest, accel: Accel, outdir: Pa
     path = outdir / "results.json"
     vm = {**kernel.info, "release": outcome.release, "accel": accel.name, "cpu": accel.cpu,
           "accel_reason": accel.reason, "state": outcome.state, "boot_s": outcome.boot_s,
-          "boot_attempts": outcome.attempts,
+          "boot_attempts": outcome.attempts, "append": outcome.append,
           "wall_s": outcome.wall_s, "outer_kernel": os.uname().release}
     if path.exists():
         rr = load_results(path)

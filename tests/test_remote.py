@@ -1,0 +1,269 @@
+"""`kvmsplit remote` against real OpenSSH servers (tests/remote/sshboxes.py):
+one on loopback, the others in network namespaces of their own, each a
+"box" that runs the real kvmsplit (shipped as a wheel into a venv there)
+on this machine's /dev/kvm. Boxes are killed, cut off the network,
+refused, and "rebooted" (an emulated kexec: a new sshd with a new boot_id
+and another `uname -r`, or none)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmsplit.remote.boot import image_release
+from kvmsplit.runs.history import History
+from remote.sshboxes import Lab
+
+pytestmark = [pytest.mark.kvm, pytest.mark.timeout(600)]
+CACHE = Path(os.environ["KVMSPLIT_CACHE_DIR"])
+SUITE = Path(__file__).resolve().parent / "remote" / "scenarios.toml"   # the box is this machine
+ONE = ["--scenario", SUITE, "-k", "one"]            # one scenario, about 2 s
+FIVE = ["--scenario", SUITE]                       # five
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = Lab(tmp_path_factory.mktemp("lab"))
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="module")
+def boxes(lab):
+    """lo on 127.0.0.1, b1 and b2 each in a netns; their venvs persist in the tests' cache."""
+    return {b.name: b for b in (lab.box("lo", netns=False), lab.box("b1"), lab.box("b2"))}
+
+
+def box_settings(name: str, data: Path, **extra) -> dict:
+    """Where the box keeps kvmsplit, and an environment that keeps its runs out of the user's state."""
+    return {"workdir": str(CACHE / "remote-boxes" / name), "python": "/usr/bin/python3",
+            "env": {"KVMSPLIT_CACHE_DIR": str(CACHE), "KVMSPLIT_DATA_DIR": str(data / f"box-data-{name}")},
+            **extra}
+
+
+def inventory(lab, tmp_path, boxes, labels=None, **overrides):
+    per = {b.name: box_settings(b.name, tmp_path, labels=(labels or {}).get(b.name, []),
+                                **overrides.get(b.name, {})) for b in boxes}
+    return lab.inventory(tmp_path / "boxes.toml", boxes, **per)
+
+
+def kvmsplit(*args, timeout=300):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "kvmsplit", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout)
+    return r, time.monotonic() - t0
+
+
+def remote_run(inv, tmp_path, targets, command, *opts, timeout=300):
+    return kvmsplit("remote", "run", "--inventory", inv, "--output", tmp_path / "out", "--db", tmp_path / "h.db",
+                    *opts, *targets, "--", "kvmsplit", *map(str, command), timeout=timeout)
+
+
+def results(tmp_path, box) -> dict:
+    return json.loads((tmp_path / "out" / box / "results.json").read_text())
+
+
+def test_a_run_on_two_boxes_runs_in_parallel_and_comes_back_with_its_files_and_history(lab, boxes, tmp_path):
+    inv = inventory(lab, tmp_path, [boxes["lo"], boxes["b1"]], labels={"lo": ["nightly"], "b1": ["nightly"]})
+    r, wall = remote_run(inv, tmp_path, ["nightly"], ["run", *ONE, "--ktap"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    spans = []
+    for name in ("lo", "b1"):
+        res = results(tmp_path, name)
+        assert [(s["name"], s["verdict"]) for s in res["scenarios"]] == [("one", "PASS")]
+        assert res["host"]["remote"]["box"] == name and res["host"]["remote"]["exit"] == 0
+        out = tmp_path / "out" / name
+        assert (out / "junit.xml").is_file() and (out / "kcidb.json").is_file()
+        assert "ok 1 one" in (out / "console.log").read_text()        # streamed and kept
+        assert f"[{name}] ok 1 one" in r.stderr                      # streamed as it came
+        spans.append((res["started"], res["finished"]))
+    # in parallel: each box's run started before the other's finished
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
+    rows = History(tmp_path / "h.db").runs()
+    assert len(rows) == 2
+    stored = [History(tmp_path / "h.db").load(row.id).host["remote"]["box"] for row in rows]
+    assert sorted(stored) == ["b1", "lo"]
+
+
+def test_a_box_killed_mid_run_is_a_miss_within_its_deadline_and_the_other_box_finishes(lab, boxes, tmp_path):
+    inv = inventory(lab, tmp_path, [boxes["lo"], boxes["b2"]])
+    args = [sys.executable, "-m", "kvmsplit", "remote", "run", "--inventory", inv, "--output", tmp_path / "out",
+            "--db", tmp_path / "h.db", "--alive-interval", "1", "--alive-count", "3", "--connect-timeout", "3",
+            "lo", "b2", "--", "kvmsplit", "run", *FIVE, "--ktap"]
+    p = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if line.startswith("[b2] ok 1 "):          # b2 is mid-run: one scenario done
+                break
+        t_kill = time.monotonic()
+        boxes["b2"].kill()
+        rest = p.stderr.read()
+        rc = p.wait(timeout=120)
+        t_done = time.monotonic()
+    finally:
+        p.kill()
+        p.wait()
+        boxes["b2"].start()
+    assert rc == 1, "".join(seen) + rest
+    assert t_done - t_kill < 60, "a killed box must not hold up the run past the other box's work"
+    dead = results(tmp_path, "b2")
+    verdicts = [s["verdict"] for s in dead["scenarios"]]
+    assert verdicts[0] == "PASS" or "ok 1" in (tmp_path / "out" / "b2" / "console.log").read_text()
+    assert "MISS" in verdicts and dead["interrupted"]
+    assert any("connection lost" in why or "exit status" in why or "no answer" in why
+               for s in dead["scenarios"] if s["verdict"] == "MISS" for why in s["reasons"]), dead["scenarios"]
+    alive = results(tmp_path, "lo")
+    assert [s["verdict"] for s in alive["scenarios"]] == ["PASS"] * 5
+
+
+def test_a_box_that_drops_off_the_network_is_a_miss_within_the_liveness_deadline(lab, boxes, tmp_path):
+    b1 = boxes["b1"]
+    inv = inventory(lab, tmp_path, [b1])
+    args = [sys.executable, "-m", "kvmsplit", "remote", "run", "--inventory", inv, "--output", tmp_path / "out",
+            "--db", tmp_path / "h.db", "--alive-interval", "1", "--alive-count", "3", "--connect-timeout", "3",
+            "b1", "--", "kvmsplit", "run", *FIVE, "--ktap"]
+    p = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:
+            if line.startswith("[b1] $ "):              # the command is starting on the box
+                break
+        b1.unplug()
+        t_cut = time.monotonic()
+        rest = p.stderr.read()
+        rc = p.wait(timeout=60)
+        elapsed = time.monotonic() - t_cut
+    finally:
+        p.kill()
+        p.wait()
+        b1.plug()
+    assert rc == 1, rest
+    print(rest)
+    # silence for alive_interval, then alive_count intervals unanswered, then one failed reconnect
+    assert elapsed < 1 + 3 + 3 + 5, (elapsed, rest)
+    res = results(tmp_path, "b1")
+    why = res["host"]["remote"]["problem"]
+    assert "no answer for 3s" in why, why
+    assert all(s["verdict"] == "MISS" for s in res["scenarios"]), res["scenarios"]
+
+
+def test_an_unknown_host_key_is_refused_and_accepting_one_is_explicit_and_said(lab, tmp_path):
+    new = lab.box("newkey", known=False)
+    inv = inventory(lab, tmp_path, [new])
+    runs = Path(box_settings("newkey", tmp_path)["workdir"]) / "runs"
+    before = set(runs.iterdir()) if runs.exists() else set()
+    r, _ = remote_run(inv, tmp_path, ["newkey"], ["run", *ONE])
+    assert r.returncode == 1
+    res = results(tmp_path, "newkey")
+    assert res["scenarios"][0]["verdict"] == "MISS"
+    assert "REFUSED: its host key is not in" in res["host"]["remote"]["problem"]
+    assert (set(runs.iterdir()) if runs.exists() else set()) == before, "nothing may run on the box"
+
+    r, _ = remote_run(inv, tmp_path, ["newkey"], ["list", *ONE], "--accept-new-host-key")
+    assert "accepted a NEW host key" in r.stderr and "SHA256:" in r.stderr, r.stderr[-2000:]
+    assert new.known_hosts_line().split()[2] in lab.known_hosts.read_text()
+
+
+def test_a_changed_host_key_is_refused_even_with_accept_new(lab, tmp_path):
+    liar = lab.box("liar")
+    impostor_key = liar.dir / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor_key)], check=True)
+    liar.kill()
+    liar.host_key = impostor_key            # same address, another key: a man in the middle
+    liar.start()
+    inv = inventory(lab, tmp_path, [liar])
+    r, _ = remote_run(inv, tmp_path, ["liar"], ["run", *ONE], "--accept-new-host-key")
+    assert r.returncode == 1
+    why = results(tmp_path, "liar")["host"]["remote"]["problem"]
+    assert "REFUSED" in why and "differs from the one in" in why, why
+    liar.close()
+
+
+def test_shell_metacharacters_in_the_inventory_are_inert(lab, boxes, tmp_path):
+    canary = tmp_path / "pwned"
+    nasty = f"$(touch {canary}1);touch {canary}2 `touch {canary}3` |touch {canary}4 ' \" &"
+    workdir = str(tmp_path / f"work {nasty}")
+    data = str(tmp_path / f"data {nasty}")
+    inv = inventory(lab, tmp_path, [boxes["lo"]], labels={"lo": [nasty]},
+                    lo={"workdir": workdir, "env": {"KVMSPLIT_CACHE_DIR": str(CACHE), "KVMSPLIT_DATA_DIR": data}})
+    r, _ = remote_run(inv, tmp_path, [nasty], ["run", *ONE])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(tmp_path.glob("pwned*")), "a metacharacter reached a shell"
+    assert (Path(workdir) / "venv" / "bin" / "kvmsplit").exists()       # the literal directory
+    assert (Path(data) / "history.sqlite").exists()                      # the literal value, in the box's env
+
+
+def test_a_command_that_outlives_its_time_on_the_box_is_stopped_there(lab, boxes, tmp_path):
+    inv = inventory(lab, tmp_path, [boxes["b1"]])
+    r, wall = remote_run(inv, tmp_path, ["b1"], ["run", *FIVE, "--ktap"], "--timeout", "4")
+    assert r.returncode == 1
+    res = results(tmp_path, "b1")
+    assert res["host"]["remote"]["exit"] in (124, 137)
+    verdicts = [s["verdict"] for s in res["scenarios"]]
+    assert "ERROR" in verdicts, res["scenarios"]
+    err = next(s for s in res["scenarios"] if s["verdict"] == "ERROR")
+    assert "timed out on the box" in err["reasons"][0]
+    assert wall < 4 + 10 + 60        # timeout, the kill grace, deploying and fetching
+    time.sleep(1)
+    left = [p for p in boxes["b1"].pids() if "kvmsplit" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert not left, "the command is still running on the box"
+
+
+def test_boot_waits_for_a_new_boot_id_and_the_expected_kernel(lab, tmp_path):
+    box = lab.box("kx")
+    box.comes_back_as = "6.12.99-kvmsplit-under-test"
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"\0" * 4096)
+    inv = inventory(lab, tmp_path, [box])
+    r, wall = kvmsplit("remote", "boot", "--inventory", inv, "kx", "--kernel", image,
+                       "--release", "6.12.99-kvmsplit-under-test", "--append", "kvm.eager_page_split=0",
+                       "--deadline", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "kx: booted 6.12.99-kvmsplit-under-test" in r.stdout
+    log = box.shim_log.read_text()
+    assert "kexec -l boot/bzImage --append=kvm.eager_page_split=0" in log and "kexec -e" in log, log
+    assert box.reboots == 1
+    box.close()
+
+
+def test_boot_onto_the_wrong_kernel_is_said_plainly(lab, tmp_path):
+    box = lab.box("wrong")
+    box.comes_back_as = os.uname().release          # GRUB fell back to the old kernel
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"\0" * 4096)
+    inv = inventory(lab, tmp_path, [box], wrong={"switch": "grub-reboot"})
+    r, _ = kvmsplit("remote", "boot", "--inventory", inv, "wrong", "--kernel", image,
+                    "--release", "6.12.99-kvmsplit-under-test", "--deadline", "30")
+    assert r.returncode == 1
+    assert "WRONG KERNEL: came back on " + os.uname().release in r.stdout, r.stdout + r.stderr
+    log = box.shim_log.read_text()
+    assert "grub-reboot gnulinux-advanced-1234-abcd>gnulinux-6.12.99-kvmsplit-under-test-advanced-1234-abcd" in log
+    assert "grub-set-default" not in log, "the default entry must never change"
+    box.close()
+
+
+def test_a_box_that_never_comes_back_is_a_result_at_the_deadline(lab, tmp_path):
+    box = lab.box("gone")
+    box.comes_back_as = None
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"\0" * 4096)
+    inv = inventory(lab, tmp_path, [box])
+    r, wall = kvmsplit("remote", "boot", "--inventory", inv, "gone", "--kernel", image,
+                       "--release", "6.12.99-x", "--deadline", "8", "--connect-timeout", "2")
+    assert r.returncode == 1
+    assert "gone: did NOT come back within" in r.stdout, r.stdout + r.stderr
+    assert wall < 8 + 2 + 15
+    box.close()
+
+
+def test_the_release_comes_from_the_images_boot_header():
+    image = next(Path("/boot").glob("vmlinuz-*"))
+    assert image_release(image) == image.name.removeprefix("vmlinuz-")
