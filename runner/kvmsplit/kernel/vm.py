@@ -33,7 +33,7 @@ from elftools.elf.elffile import ELFFile
 
 from kvmsplit import __version__
 from kvmsplit.errors import NoInputError, UnavailableError, UsageError
-from kvmsplit.kernellog import Report, corrupted_note
+from kvmsplit.kernellog import KernelLogFormatError, Report, corrupted_note, parse_log_text, parse_reports
 from kvmsplit.kernellog.follow import ReportFollower
 from kvmsplit.paths import REPO_ROOT, cache_dir
 from kvmsplit.runs.results import RunResult, ScenarioResult, Verdict
@@ -312,12 +312,10 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
 
 
 def _console_reports(lines: list[str]) -> list[dict]:
-    """The reports in console lines, parsed as `kvmsplit kernellog --follow` does."""
-    follower = ReportFollower()
-    for line in lines:
-        follower.feed_line(line)
-    follower.finish()
-    return [r.to_dict() for r in follower.reports]
+    try:
+        return [r.to_dict() for r in parse_reports(parse_log_text("\n".join(lines)))]
+    except KernelLogFormatError:
+        return []
 
 
 def _say_report(echo):
