@@ -7,7 +7,9 @@
  * KVM page faults. Only set-up (page tables, descriptor tables) runs at CPL0.
  * Built freestanding with -mgeneral-regs-only: no SSE, nothing the emulator
  * might not know. Nested mode (N, svm.c) is the exception: the BSP goes back
- * to CPL0 for good, to be an SVM L1 whose L2 runs the passes.
+ * to CPL0 for good, to be an SVM L1 whose L2 runs the passes. W's CPL0 route
+ * (write_via = "emulated" on PVM) is the other: that pass runs at CPL0 on
+ * purpose, so that KVM's instruction emulator does its stores.
  */
 #include "guest.h"
 

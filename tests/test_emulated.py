@@ -154,3 +154,59 @@ def test_rep_strings_through_the_smallest_ring(run_scenario, facts):
         assert any(r["title"] == "WARNING in kvm_dirty_ring_push" for r in res.kernel_log["reports"])
     else:
         assert res.kernel_log["taint_before"] & 512 and "taint W was already set" in dirty.summary
+
+
+# -- the guest side: what a rep-string pass writes, exactly ---------------------------------
+@pytest.fixture
+def booted(kvm, guest_image):
+    """A guest with 4 MiB of 4K anonymous memory at 4 GiB, mapped with 4K pages."""
+    from kvmsplit.vmm.machine import Machine
+    from kvmsplit.vmm.memory import GuestMemory
+    m = Machine(kvm, nr_vcpus=1, sys_mem=12 << 20)
+    mem = GuestMemory(Backing.ANON, 4 * MB)
+    m.add_slot(1, 1 << 32, mem)
+    m.load(guest_image)
+    m.start()
+    m.expect(0, "HELLO", 10)
+    m.send(0, ucall.cmd_map(1 << 32, mem.size, 12))
+    m.expect(0, "MAPPED", 10)
+    m.expect(0, "READY", 10)
+    yield m, mem
+    m.close()
+    mem.close()
+
+
+def test_a_string_pass_writes_the_selected_pages_whole_runs_at_a_time(booted, facts):
+    """Each run of consecutive selected pages a..b: pages a..b-1 whole with the
+    fill, b's first qword, then every page's marker; no other page is touched."""
+    import numpy as np
+    m, mem = booted
+    route = _route_or_fail(facts)
+    n = mem.size >> 12
+    m.send(0, ucall.cmd_write(5, "random", 50, 17, 0, n, route=route, string=True))
+    done = m.expect(0, "DONE", 30)
+    pages = ucall.written_pages(5, "random", 50, 17, 0, n)
+    assert int(done.args[2], 16) == len(pages)
+    q = mem.qwords().reshape(n, 512)
+    assert np.array_equal(q[pages.astype(np.int64), 0], ucall.marker(5, pages))
+    sel = np.zeros(n, dtype=bool)
+    sel[pages.astype(np.int64)] = True
+    fill = np.uint64(ucall.string_fill(5))
+    filled = (q[:, 1:] == fill).all(axis=1)              # written whole by a rep stosq/movsq
+    assert not (filled & ~sel).any() and not q[~sel].any()   # nothing outside the selection
+    # a selected page is filled whole exactly when the next page is selected too and in the same run
+    runs, i = [], 0
+    while i < n:
+        if sel[i]:
+            k = 1
+            while k < ucall.STRING_PAGES and i + k < n and sel[i + k]:
+                k += 1
+            runs.append((i, k))
+            i += k
+        else:
+            i += 1
+    want = np.zeros(n, dtype=bool)
+    for a, k in runs:
+        want[a:a + k - 1] = True
+    assert np.array_equal(filled, want)
+    assert max(k for _, k in runs) == ucall.STRING_PAGES     # some instructions did write 4 pages
