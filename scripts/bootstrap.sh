@@ -19,6 +19,7 @@ if [ "$profile" = test ]; then
         linux-image-amd64                        # a kernel under test to boot
         chromium                                 # screenshots of the HTML report
         openssh-server b4                        # kvmsplit remote's boxes (real sshd); series by message-id
+        lava-common                              # contrib/'s LAVA templates, checked with LAVA's validator
     )
 fi
 missing=()
