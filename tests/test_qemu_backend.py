@@ -28,11 +28,14 @@ MB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
-def no_qemu_survives():
-    """No QEMU process outlives a test: counted before and after each one."""
-    before = set(qemu_processes())
-    yield
-    left = set(qemu_processes()) - before
+def no_qemu_survives(monkeypatch, request):
+    """No QEMU process outlives a test. Each test marks the QEMUs it starts (an environment
+    variable they inherit, also through `kvmsplit` subprocesses), and counts those after it;
+    QEMUs of other runs on the box are never touched."""
+    marker = f"KVMSPLIT_TEST_QEMU={os.getpid()}-{request.node.name}"
+    monkeypatch.setenv(*marker.split("=", 1))
+    yield marker
+    left = qemu_processes(marker)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"QEMU processes left running: {sorted(left)}"
@@ -150,12 +153,12 @@ def test_dirty_rate_check_fails_on_missing_and_extra_pages():
                             "model_mismatch": 2}, "migrate").status == "fail"
 
 
-def test_qemu_killed_mid_scenario_is_an_error_with_the_console(run_qemu):
+def test_qemu_killed_mid_scenario_is_an_error_with_the_console(run_qemu, no_qemu_survives):
     victims = []
 
     def kill_on(name, phase):
         if phase == "dirty-2":
-            victims.extend(qemu_processes())
+            victims.extend(qemu_processes(no_qemu_survives))
             for pid in victims:
                 os.kill(pid, signal.SIGKILL)
     res = run_qemu(qemu_scenario("thp/2m/killed", passes=3), on_phase=kill_on)
@@ -165,12 +168,12 @@ def test_qemu_killed_mid_scenario_is_an_error_with_the_console(run_qemu):
     assert any("READY" in line for line in res.console_tail)
 
 
-def test_a_hung_qemu_is_killed_within_the_timeout(run_qemu):
+def test_a_hung_qemu_is_killed_within_the_timeout(run_qemu, no_qemu_survives):
     stopped = []
 
     def stop_on(name, phase):
         if phase == "dirty-1":
-            stopped.extend(qemu_processes())
+            stopped.extend(qemu_processes(no_qemu_survives))
             for pid in stopped:
                 os.kill(pid, signal.SIGSTOP)
     res = run_qemu(qemu_scenario("thp/2m/hung"), on_phase=stop_on, phase_timeout=5)

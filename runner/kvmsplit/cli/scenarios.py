@@ -109,7 +109,8 @@ def _run_once(args, scenarios: list[Scenario], facts: HostFacts, what: str, opti
     print(f"kvmsplit {__version__}: {what} {len(scenarios)} scenario(s) on {facts.kernel_release}, "
           f"paging {facts.paging}, tdp_mmu={_yn(facts.param('tdp_mmu'))}, "
           f"eager_page_split={_yn(facts.param('eager_page_split'))}; results in {out}/", file=sys.stderr)
-    rr = run_items(ScenarioBackend(scenarios, facts, options), facts, out,
+    backend = ScenarioBackend(scenarios, facts, options, vmm_trace=getattr(args, "trace", False))
+    rr = run_items(backend, facts, out,
                    allow_host_changes=not args.no_host_changes, wait_for_host=not args.no_wait, argv=sys.argv,
                    on_result=lambda i, r: progress.result(r), sinks=default_sinks(args, series))
     if runs is not None:
@@ -156,6 +157,10 @@ def add_parsers(sub) -> None:
     sp.add_argument("-v", "--verbose", action="store_true", help="a line per phase, also when not on a terminal")
     sp.add_argument("--no-trace", action="store_true",
                     help="without the tracepoint witness (scenarios are then UNCONFIRMED, not PASS)")
+    sp.add_argument("--trace", action="store_true",
+                    help="QEMU scenarios: attach `kvmsplit trace` (ptrace) to each QEMU; the report's timeline "
+                         "shows when QEMU toggled dirty logging next to the kernel's split events (kvmsplit's "
+                         "own VMM: run `kvmsplit trace -- kvmsplit run ...` instead)")
     sp.add_argument("--inject-eio", metavar="IOCTL", help=argparse.SUPPRESS)
     sp.add_argument("--inject-hang", metavar="PHASE", help=argparse.SUPPRESS)
     sp.add_argument("--inject-bug", metavar="PHASE", help=argparse.SUPPRESS)

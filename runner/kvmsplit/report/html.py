@@ -131,6 +131,51 @@ def _trace_label(trace: dict | None) -> str:
     return " ".join(parts)
 
 
+def vmm_timeline(sr: ScenarioResult) -> str | None:
+    """A traced QEMU scenario's timeline: its phases, each QEMU's dirty-logging windows on the test
+    DIMM (from `kvmsplit trace`, CLOCK_MONOTONIC like the phase starts) and, under each phase, the
+    kernel's split events in it (kvmmmu tracepoints)."""
+    traces = (sr.extra or {}).get("vmm_trace") or {}
+    starts = (sr.extra or {}).get("phase_starts_monotonic_s") or {}
+    if not traces or not starts:
+        return None
+    t0 = min(starts.values())
+    bars = [(p.name, starts[p.name] - t0, starts[p.name] - t0 + p.duration_s) for p in sr.phases if p.name in starts]
+    rows = []
+    for name, tr in traces.items():
+        base = tr.get("t0_monotonic_s")
+        for w in tr.get("windows", []) if base is not None else []:
+            on = base + w["enabled_ms"] / 1000 - t0
+            off = base + (w["disabled_ms"] if w["disabled_ms"] is not None else w["enabled_ms"]) / 1000 - t0
+            rows.append((name, on, off, w.get("ended_by")))
+    end = max([b[2] for b in bars] + [r[2] for r in rows] + [1e-3])
+    width, left, lane = 760, 90, 22
+
+    def x(t: float) -> float:
+        return left + (width - left - 10) * max(t, 0.0) / end
+    out = [f'<svg class="timeline" width="{width}" height="{3 * lane + 40}" role="img" '
+           'aria-label="phases, dirty-logging windows and split events over time">']
+    by_phase = {p.name: p for p in sr.phases}
+    for name, a, b in bars:
+        label = _trace_label(by_phase[name].trace) if name in by_phase else ""
+        out.append(f'<rect x="{x(a):.1f}" y="4" width="{max(x(b) - x(a), 1):.1f}" height="{lane - 6}" '
+                   f'fill="#ddf4ff" stroke="#54aeff"><title>{escape(name)} {b - a:.3f}s</title></rect>'
+                   f'<text x="{x(a) + 2:.1f}" y="{lane - 6}" font-size="9">{escape(name)}</text>')
+        if label:
+            out.append(f'<text x="{x(a) + 2:.1f}" y="{3 * lane + 8}" font-size="9" fill="#cf222e">'
+                       f"{escape(label)}</text>")
+    for i, (name, on, off, why) in enumerate(rows):
+        y = lane + 4 + (i % 2) * lane
+        out.append(f'<rect x="{x(on):.1f}" y="{y}" width="{max(x(off) - x(on), 2):.1f}" height="{lane - 8}" '
+                   f'fill="#fd8c73"><title>{escape(name)}: dirty logging {on:.3f}s to {off:.3f}s '
+                   f"({escape(str(why))})</title></rect>"
+                   f'<text x="4" y="{y + 11}" font-size="10">{escape(name)} logging</text>')
+    out.append(f'<text x="4" y="{3 * lane + 8}" font-size="10">kernel</text>'
+               f'<text x="{width - 10}" y="{3 * lane + 30}" font-size="10" text-anchor="end">{_num(end)} s</text>'
+               "</svg>")
+    return "".join(out)
+
+
 def phase_time_plot(sr: ScenarioResult) -> str | None:
     if not sr.phases:
         return None
@@ -208,7 +253,10 @@ def _scenario(sr: ScenarioResult, source: str) -> str:
     plots = [(page_size_plot(sr), "guest memory mapped, by page size, at the end of each phase; above each "
                                   "bar the kvmmmu tracepoints of the phase (s: huge-page splits, t: new 4K "
                                   "shadow tables, h: huge mappings installed)"),
-             (phase_time_plot(sr), "phase times (seconds)")]
+             (phase_time_plot(sr), "phase times (seconds)"),
+             (vmm_timeline(sr), "timeline: phases (top), when each QEMU had dirty logging on for the test "
+                                "DIMM, from `kvmsplit trace` (middle), and the kernel's tracepoints per phase "
+                                "(bottom; s: splits, t: new 4K shadow tables, h: huge mappings installed)")]
     figs = [f"<figure>{svg}<figcaption>{cap}</figcaption></figure>" for svg, cap in plots if svg]
     if figs:
         out.append('<div class="plots">' + "".join(figs) + "</div>")

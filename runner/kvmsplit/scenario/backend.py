@@ -19,9 +19,10 @@ class ScenarioBackend:
     kind = "scenario"
 
     def __init__(self, scenarios: list[Scenario], facts: HostFacts, options: RunOptions | None = None,
-                 image: Path | None = None, qemu_hooks: QemuHooks | None = None):
+                 image: Path | None = None, qemu_hooks: QemuHooks | None = None, vmm_trace: bool = False):
         self.scenarios, self.facts = scenarios, facts
         self.qemu_hooks = qemu_hooks
+        self.vmm_trace = vmm_trace      # QEMU scenarios: `kvmsplit trace` attached to each QEMU
         self.options = options or RunOptions()
         self.image = image or guest_image()
         self.kvm = Kvm()
@@ -33,7 +34,7 @@ class ScenarioBackend:
     def run_one(self, index: int, host: HostChanges, rr: RunResult) -> ScenarioResult:
         if self.scenarios[index].backend == "qemu":
             q = QemuScenarioRun(self.scenarios[index], self.facts, self.image, host, self.options,
-                                self.witness, self.qemu_hooks)
+                                self.witness, self.qemu_hooks, self.vmm_trace)
             rr.scenarios[index] = q.res
             return q.run()
         run = ScenarioRun(self.scenarios[index], self.facts, self.image, host, self.kvm, self.options,

@@ -17,8 +17,13 @@ dirty-log check says so, and the migration (or dirty-rate) check stands in.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,8 +51,10 @@ from kvmsplit.vmm.qemu import QMP_TIMEOUT, TEST_GPA, QemuError, QemuExited, Qemu
 S = CheckStatus
 RING_ENTRY = 16                 # bytes per struct kvm_dirty_gfn
 POLL_S = 0.25                   # how often a wait looks at QEMU's run state
-MIGRATE_BANDWIDTH_S = 1.5       # the first round of a migration takes about this long
+MIGRATE_BANDWIDTH_S = 1.5       # a round of a migration at full speed takes about this long
+TRICKLE = 1 << 20               # bytes/s: the migration's pace until the first write pass is done
 CALC_TIME_S = 2                 # calc-dirty-rate's window
+RESEND_S = 3.0                  # a pass in flight at the switch-over that has not finished by then is resent
 MIN_SYNCS = 3                   # the guest writes until the migration has synced the log this often
 MAX_MIGRATION_PASSES = 200
 
@@ -75,10 +82,60 @@ def qemu_cpu(s: Scenario, facts: HostFacts) -> str:
     return cpu
 
 
+class VmmTrace:
+    """`kvmsplit trace --pid` attached to one QEMU (a separate process: ptrace waits must not
+    reap the QEMU that pexpect owns here); its JSON is read once QEMU is gone."""
+
+    ATTACH_S = 10.0
+
+    def __init__(self, vm: QemuVm, workdir: Path):
+        self.vm, self.path = vm, workdir / f"{vm.name}.trace.json"
+        self.log = open(workdir / f"{vm.name}.trace.stderr", "wb")
+        self.p = subprocess.Popen([sys.executable, "-m", "kvmsplit", "trace", "--pid", str(vm.pid), "-q",
+                                   "-o", str(self.path)], stdout=subprocess.DEVNULL, stderr=self.log)
+        self._wait_attached()
+
+    def _wait_attached(self) -> None:
+        deadline = time.monotonic() + self.ATTACH_S
+        while time.monotonic() < deadline and self.p.poll() is None:
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{self.vm.pid}/status").read_text()
+                if any(line.split()[1:] != ["0"] for line in status.splitlines() if line.startswith("TracerPid:")):
+                    return
+            time.sleep(0.02)
+
+    def finish(self) -> dict:
+        """After QEMU quit: the tracer ends with it (or is told to detach), then its summary."""
+        try:
+            self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.p.send_signal(signal.SIGTERM)          # detaches and writes what it has
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.log.close()
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            why = (self.path.parent / f"{self.vm.name}.trace.stderr").read_text(errors="replace").strip()
+            return {"error": why.splitlines()[-1] if why else f"kvmsplit trace exited {self.p.returncode}"}
+        return vmm_trace_summary(doc)
+
+
+def vmm_trace_summary(doc: dict) -> dict:
+    """What the report's timeline needs: the test DIMM's logging windows and the call counts."""
+    slots = [m for m in doc.get("summary", {}).get("memslots", []) if m.get("guest_phys_addr") == TEST_GPA]
+    return {"t0_monotonic_s": doc.get("t0_monotonic_s"), "kvm_ioctls": doc.get("kvm_ioctls"),
+            "counts": doc.get("summary", {}).get("counts", {}),
+            "windows": [w for m in slots for w in m.get("dirty_log_windows", [])]}
+
+
 class QemuScenarioRun:
     def __init__(self, scenario: Scenario, facts: HostFacts, image: Path, host: HostChanges,
                  options: RunOptions | None = None, witness: Witness | None = None,
-                 hooks: QemuHooks | None = None):
+                 hooks: QemuHooks | None = None, vmm_trace: bool = False):
         self.s, self.facts, self.image, self.host = scenario, facts, Path(image), host
         self.opt = options or RunOptions()
         self.witness = witness
@@ -107,6 +164,11 @@ class QemuScenarioRun:
         self.migration: dict | None = None
         self.dirty_rate: dict | None = None
         self.hung = False
+        self.vmm_trace = vmm_trace
+        self.tracers: list[VmmTrace] = []
+        self.phase_starts: dict[str, float] = {}
+        self.phase_rename: dict[str, str] = {}      # a phase that ended otherwise than its name says
+        self.skip_bad_command = 0                   # answers to a newline sent at the switch-over
 
     # -- entry point -------------------------------------------------------------------------
     def run(self) -> ScenarioResult:
@@ -184,7 +246,10 @@ class QemuScenarioRun:
                     low_mem=low_memory(s.size, s.guest_page, s.l2_page if s.is_nested else None),
                     dirty_ring_entries=ring, cpu=qemu_cpu(s, self.facts), incoming=incoming,
                     qmp_timeout=min(QMP_TIMEOUT, self.opt.phase_timeout or QMP_TIMEOUT))
-        return vm.start()
+        vm.start()
+        if self.vmm_trace:
+            self.tracers.append(VmmTrace(vm, self.workdir))
+        return vm
 
     def _start_source(self) -> None:
         self.src = self.vm = self._qemu("src")
@@ -218,6 +283,9 @@ class QemuScenarioRun:
                 if stderr:
                     self.res.extra.setdefault("qemu_stderr", {})[q.name] = stderr.splitlines()[-10:]
                 q.close() if self.hung else q.quit(timeout=5.0)
+        if self.tracers:
+            self.res.extra["vmm_trace"] = {t.vm.name: t.finish() for t in self.tracers}
+            self.res.extra["phase_starts_monotonic_s"] = self.phase_starts
         self._close_trace()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -233,6 +301,7 @@ class QemuScenarioRun:
         if self.opt.on_phase:
             self.opt.on_phase(self.s.name, name)
         vm0 = self.cur
+        self.phase_starts[name] = time.monotonic()
         before = vm0.vcpu_stats(VCPU_STATS)
         t = time.monotonic()
         yield
@@ -241,6 +310,7 @@ class QemuScenarioRun:
         after = vm.vcpu_stats(VCPU_STATS)
         delta = {k: after[k] - before.get(k, 0) for k in after} if vm is vm0 else dict(after)
         trace = self.trace.take().to_dict() if self.trace is not None and vm is self.src else None
+        name = self.phase_rename.pop(name, name)
         self.res.phases.append(Phase(name, dur, 0.0, vm.vm_stats(VM_STATS), delta, trace))
 
     def _timeout(self) -> float:
@@ -279,6 +349,10 @@ class QemuScenarioRun:
                 return self.cur.expect(kind, POLL_S, what)
             except GuestTimeout:
                 pass
+            except GuestError as e:
+                if not (self.skip_bad_command and e.line is not None and _bad_command(e.line)):
+                    raise
+                self.skip_bad_command -= 1
             if on_wait:
                 on_wait()
             if time.monotonic() - last_status > 1.0:
@@ -342,17 +416,22 @@ class QemuScenarioRun:
 
     # -- migrate ------------------------------------------------------------------------------
     def _start_migration(self) -> None:
-        s = self.s
         sock = self.workdir / "migrate.sock"
         self.dst = self._qemu("dst", incoming=f"unix:{sock}")
         src = self.cur
         src.cmd("migrate-set-capabilities", capabilities=[
             {"capability": "auto-converge", "state": True},
             {"capability": "pause-before-switchover", "state": True}])
-        bw = max(int((s.size + 32 * (1 << 20)) / MIGRATE_BANDWIDTH_S), 32 << 20)
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": bw, "downtime-limit": 300})
+        # a trickle until the first write pass is done, so that pass runs under the source's dirty
+        # logging however slow the guest is (a traced QEMU is several times slower); then full speed
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": TRICKLE, "downtime-limit": 300})
         src.cmd("migrate", uri=f"unix:{sock}")
         self._wait_migration(("active", "pre-switchover", "device", "completed"), "the migration to start")
+
+    def _full_speed(self) -> None:
+        """The rest of the migration at a pace the guest's writing can keep up with for a while."""
+        bw = max(int((self.s.size + 32 * (1 << 20)) / MIGRATE_BANDWIDTH_S), 16 << 20)
+        self.cur.cmd("migrate-set-parameters", **{"max-bandwidth": bw})
 
     def _migration_status(self) -> dict:
         assert self.src is not None
@@ -394,7 +473,10 @@ class QemuScenarioRun:
         p = 1
         with self.phase("dirty-1"):
             if self._migrating_pass(p):
+                # pass 1 did not finish on the source: it says nothing about the split there
+                self.phase_rename["dirty-1"] = "dirty-1-cut-by-switchover"
                 return
+        self._full_speed()
         with self.phase("dirty-2"):
             while p < MAX_MIGRATION_PASSES and not switching():
                 p += 1
@@ -444,9 +526,36 @@ class QemuScenarioRun:
         self.dst.cmd("cont")
         if self.in_flight is not None:
             with self.phase("dirty-on-destination"):
-                self._finish_write(self.s.pattern, self.s.percent)
+                self._finish_on_destination()
             self.migration["model_mismatch"] = int(self._check_model(self.dst, "dst").size)  # type: ignore[index]
         self.src.quit(timeout=5.0)
+
+    def _finish_on_destination(self) -> None:
+        """The pass in flight at the switch-over. Bytes of its command that QEMU had not yet put
+        into the source's UART do not migrate (seen here: the guest got "W", the rest was lost).
+        If the pass does not finish, a newline ends whatever part reached the guest: a guest that
+        was waiting answers ERR bad command, and the pass is sent again; a guest that was still
+        writing answers DONE first, and its ERR for the newline is skipped later."""
+        assert self.in_flight is not None
+        p = self.in_flight
+        deadline = time.monotonic() + RESEND_S
+        try:
+            self._finish_write(self.s.pattern, self.s.percent, on_wait=lambda: _until(deadline))
+            return
+        except _Switching:
+            pass
+        self.cur.send("\n")
+        try:
+            self._finish_write(self.s.pattern, self.s.percent)
+            self.skip_bad_command += 1
+            return
+        except GuestError as e:
+            if e.line is None or not _bad_command(e.line):
+                raise
+            partial = e.line.text
+        self.res.extra["qemu"]["resent_on_destination"] = {"pass": p, "guest_had": partial}
+        self._send_write(p, self.s.pattern, self.s.percent)
+        self._finish_write(self.s.pattern, self.s.percent)
 
     # -- migrate-cancel -------------------------------------------------------------------------
     def _migrate_cancel(self) -> None:
@@ -542,7 +651,16 @@ def qemu_suite(base: list[Scenario]) -> list[Scenario]:
 
 
 class _Switching(Exception):
-    """The migration reached its switch-over while a pass was running."""
+    """The migration reached its switch-over while a pass was running (or a wait ran out)."""
+
+
+def _bad_command(line: ucall.GuestLine) -> bool:
+    return line.kind == "ERR" and line.args[:2] == ("bad", "command:")
+
+
+def _until(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise _Switching()
 
 
 class QemuHooks:

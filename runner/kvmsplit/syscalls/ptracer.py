@@ -81,6 +81,8 @@ class TraceResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"exit_code": self.exit_code, "signal": self.signal, "wall_s": round(self.wall_ns / 1e9, 3),
+                # CLOCK_MONOTONIC is system-wide: another process's times line up with the events' ms
+                "t0_monotonic_s": self.recorder.t0 / 1e9,
                 "syscalls_seen": self.syscalls, "kvm_ioctls": self.kvm_ioctls, "interrupted": self.interrupted,
                 "attached": self.attached, **self.recorder.to_dict()}
 

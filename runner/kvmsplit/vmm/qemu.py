@@ -119,7 +119,7 @@ class QemuVm:
                 "-chardev", f"socket,id=qmp,path={self.qmp_path}", "-mon", "chardev=qmp,mode=control",
                 "-kernel", str(self.image)]
         if self.incoming:
-            argv += ["-incoming", self.incoming, "-S"]
+            argv += ["-incoming", "defer", "-S"]      # listens once migrate-incoming says so
         return argv
 
     def start(self) -> QemuVm:
@@ -138,6 +138,8 @@ class QemuVm:
             self.close()
             raise QemuExited(f"QEMU ({self.name}) did not come up: {e}", self.stderr()) from None
         self.qmp.settimeout(self.qmp_timeout)
+        if self.incoming:
+            self.cmd("migrate-incoming", uri=self.incoming)     # returns once it listens: no race
         return self
 
     @property
@@ -302,17 +304,21 @@ def _stat_values(out) -> dict[str, int]:
     return vals
 
 
-def qemu_processes() -> list[int]:
-    """Pids of QEMUs kvmsplit started that are still running (tests count them)."""
+def qemu_processes(env_marker: str | None = None) -> list[int]:
+    """Pids of QEMUs kvmsplit started that are still running (tests count them). With
+    env_marker ("NAME=value"), only those whose environment carries it: a test marks its own
+    QEMUs that way, and never counts (or kills) another run's."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{d}/comm").read_text().strip() == PROCESS_TAG[:15]:
-                out.append(int(d))
+            if Path(f"/proc/{d}/comm").read_text().strip() != PROCESS_TAG[:15]:
+                continue
+            if env_marker and env_marker.encode() not in Path(f"/proc/{d}/environ").read_bytes().split(b"\0"):
+                continue
+            out.append(int(d))
     return out
-
 
 
 __all__ = ["QemuVm", "Region", "QemuError", "QemuExited", "QemuHung", "TEST_GPA", "low_memory", "qemu_processes",
