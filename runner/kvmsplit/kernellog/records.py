@@ -65,6 +65,7 @@ _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 # The header's shape, loose enough to catch malformed numbers so that they can
 # be reported instead of the line being mistaken for console text.
 _KMSG_HEAD = re.compile(r"^([^,;\s]*),([^,;\s]*),([^,;\s]*),([^;,]*)(?:,[^;]*)?;")
+_KMSG_CALLER = re.compile(r",caller=([TC]\d+)[,;]")     # CONFIG_PRINTK_CALLER
 
 
 def _unescape(data: bytes) -> str:
@@ -110,8 +111,9 @@ def parse_kmsg_record(data: bytes | str, where: str = "record") -> Record:
             raise KernelLogFormatError(f"{where}: malformed /dev/kmsg continuation line {cont[:60]!r} "
                                        "(expected ' KEY=value')")
         fields[key] = value
+    caller = _KMSG_CALLER.search(m.group(0))
     return Record(seq=seq, message=message, prio=prio, ts_us=ts_us, flags=m.group(4) or "-",
-                  fields=fields, raw=raw.decode("utf-8", "replace"))
+                  fields=fields, raw=raw.decode("utf-8", "replace"), caller=caller and caller[1])
 
 
 @dataclass

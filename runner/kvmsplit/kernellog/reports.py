@@ -455,6 +455,7 @@ class _Span:
     end: int            # last line, inclusive
     ruler: str | None   # the ruler that opened it: the same ruler closes it
     closed: bool = False    # an end marker or its closing ruler ended it
+    cut: bool = False       # another report began while it was open
 
 
 def _match_start(text: str) -> tuple[ReportType, re.Match] | None:
@@ -494,6 +495,8 @@ def _group(lines: list[str]) -> list[_Span]:
             start = preamble
         if spans and spans[-1].end >= start:       # the open report ends where this one begins
             spans[-1].end = start - 1
+        if cur:
+            cur.cut = True
         cur = _Span(rtype, m, start, i, i, lines[start] if _RULER.match(lines[start]) else None)
         spans.append(cur)
     return spans
@@ -639,7 +642,7 @@ _MIN_FRAMES = 3         # a trace cut off by the end of the log before this many
 
 
 def _corruption(rtype: ReportType, func: str | None, st: _Stack, dropped: bool, header: str,
-                at_end: bool) -> str | None:
+                at_end: bool, cut: bool) -> str | None:
     """Why this report's text is not the whole report, or None."""
     if dropped:
         return "printk messages were dropped inside it"
@@ -649,6 +652,8 @@ def _corruption(rtype: ReportType, func: str | None, st: _Stack, dropped: bool, 
         return None
     if func is None:
         return "no usable stack frame"
+    if cut and not st.first:
+        return "interleaved: another report began before its call trace"
     last = st.traces[-1] if st.traces else None
     if at_end and last and not last.ended and len(last.frames) < _MIN_FRAMES:
         return "truncated: the log ends inside its call trace"
@@ -672,7 +677,8 @@ def _build(span: _Span, lines: list[str], stream: _Stream) -> Report:
     title = rtype.title.format_map(defaultdict(str, fields, func=func or "corrupted"))
     raw = stream.lines[span.start:span.end + 1]
     dropped = any(stream.dropped[span.start:span.end + 1])
-    why = _corruption(rtype, func, st, dropped, stream.lines[span.header], span.end == len(lines) - 1)
+    why = _corruption(rtype, func, st, dropped, stream.lines[span.header], span.end == len(lines) - 1,
+                      span.cut)
     return Report(type=rtype.name, title=_stable_title(title), file=fields.get("file"),
                   line=_line_number(fields.get("line")), function=func,
                   frames=st.first, raw="\n".join(raw),
