@@ -84,7 +84,7 @@ def run_scenarios(args, scenarios: list[Scenario], facts: HostFacts, *, what: st
         print(f"kvmsplit: repeat {i} of {repeat}", file=sys.stderr)
         codes.append(_run_once(args, scenarios, facts, what, options, series, out / f"repeat-{i}", runs))
     for line in repeat_rates(runs):
-        print(line)
+        print(line, file=sys.stderr if args.ktap else sys.stdout)    # --ktap owns stdout
     return next((c for c in codes if c == EXIT_FAILED), max(codes))
 
 
