@@ -9,6 +9,7 @@ import tomllib
 
 import pytest
 
+from conftest import need
 from kvmsplit.errors import EXIT_USAGE
 
 pytestmark = pytest.mark.kvm
@@ -40,7 +41,9 @@ def kvmsplit(*args):
 
 
 @pytest.fixture
-def scenario_file(tmp_path):
+def scenario_file(tmp_path, facts):
+    route, why = facts.emulation_route()
+    need(route is not None, why)
     f = tmp_path / "s.toml"
     f.write_text(SCENARIO)
     return f
