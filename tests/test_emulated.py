@@ -214,3 +214,21 @@ def test_a_string_pass_writes_the_selected_pages_whole_runs_at_a_time(booted, fa
         want[a:a + k - 1] = True
     assert np.array_equal(filled, want)
     assert max(k for _, k in runs) == ucall.STRING_PAGES     # some instructions did write 4 pages
+
+
+def test_huge_mappings_lost_while_only_the_emulator_wrote_fail_the_split_check():
+    """The 'kept' expectation is judged, not assumed: a huge mapping that goes
+    away while nothing faulted is a failure naming the phase and the numbers."""
+    kept = Expectation("kept", None, "PVM emulates the CPL0 write passes")
+    st = {"pages_4k": 24, "pages_2m": 8, "pages_1g": 0}
+    phases = [Phase("populate", 0.1, vm_stats=st), Phase("enable", 0.0, vm_stats=st),
+              Phase("dirty-1", 0.1, vm_stats=st)]
+    obs = Observations(size=16 * MB, backing="thp", phases=tuple(phases), host_huge_bytes=16 * MB,
+                       kernel_log={"checked": True, "reports": [], "taint_before": 0, "taint_after": 0})
+    split = next(c for c in judge(obs, kept).checks if c.name == "split")
+    assert split.status == "pass" and split.summary.startswith("kept: all 8 huge mappings")
+    phases[2] = Phase("dirty-1", 0.1, vm_stats={**st, "pages_2m": 3})
+    j = judge(replace(obs, phases=tuple(phases)), kept)
+    split = next(c for c in j.checks if c.name == "split")
+    assert j.verdict == FAIL and split.status == "fail"
+    assert "huge mappings changed by dirty-1: 3 of 8 left" in split.summary
