@@ -267,3 +267,26 @@ def test_a_box_that_never_comes_back_is_a_result_at_the_deadline(lab, tmp_path):
 def test_the_release_comes_from_the_images_boot_header():
     image = next(Path("/boot").glob("vmlinuz-*"))
     assert image_release(image) == image.name.removeprefix("vmlinuz-")
+
+
+def test_a_rerun_of_a_remote_run_goes_back_to_its_box_or_says_it_cannot(lab, boxes, tmp_path):
+    inv = inventory(lab, tmp_path, [boxes["b2"]])
+    r, _ = remote_run(inv, tmp_path, ["b2"], ["run", *FIVE])
+    assert r.returncode == 0, r.stderr[-3000:]
+    original = tmp_path / "out" / "b2" / "results.json"
+    again, _ = kvmsplit("rerun", original, "--only", "three", "--inventory", inv, "--output", tmp_path / "again",
+                        "--db", tmp_path / "h.db")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ran on box b2: rerunning there" in again.stderr and "[b2] " in again.stderr
+    res = json.loads((tmp_path / "again" / "b2" / "results.json").read_text())
+    assert res["host"]["remote"]["box"] == "b2"
+    assert [(s["name"], s["verdict"]) for s in res["scenarios"]] == [("three", "PASS")]
+    # the same seed and parameters as the original's scenario
+    first = json.loads(original.read_text())
+    assert res["scenarios"][0]["scenario"] == next(s for s in first["scenarios"] if s["name"] == "three")["scenario"]
+
+    other = lab.inventory(tmp_path / "other.toml", [boxes["lo"]], lo=box_settings("lo", tmp_path))
+    lost, _ = kvmsplit("rerun", original, "--inventory", other, "--output", tmp_path / "lost")
+    assert lost.returncode == 64, lost.stderr
+    assert "ran on box b2" in lost.stderr and "cannot be reached from here" in lost.stderr
+    assert "--here" in lost.stderr and "Traceback" not in lost.stderr

@@ -39,9 +39,9 @@ def mail(subject: str, body: str, msgid: str, extra: str = "") -> str:
 
 def harmless_patch(first_lines: list[str]) -> str:
     """A documentation-only change against the first lines of api.rst."""
-    ctx = "".join(f" {ln}\n" for ln in first_lines[:3])
+    first, *rest = [f" {ln}\n" for ln in first_lines[:3]]
     return (f"A note for readers; changes nothing that is built.\n---\n"
-            f"--- a/{DOC}\n+++ b/{DOC}\n@@ -1,3 +1,5 @@\n{ctx}+\n+.. kvmsplit: a harmless note\n"
+            f"--- a/{DOC}\n+++ b/{DOC}\n@@ -1,3 +1,5 @@\n{first}+\n+.. kvmsplit: a harmless note\n{''.join(rest)}"
             f"-- \n2.39.5\n")
 
 

@@ -10,7 +10,6 @@ hex digests of the patches, in order of application.
 """
 from __future__ import annotations
 
-import email.policy
 import hashlib
 import mailbox
 import re
@@ -83,9 +82,13 @@ def from_mbox(path: Path, workdir: Path, source: str | None = None) -> Series:
             raise BadInputError(f"{path}: not an mbox (it must start with a 'From ' line)")
     box = mailbox.mbox(str(path), create=False)
     try:
-        mails = list(box)
+        # each mail's own bytes, From_ line included: a patch file's bytes are
+        # its build's cache key, so they must not change from run to run
+        keyed = [(box[k], box.get_bytes(k, from_=True)) for k in box.keys()]
     finally:
         box.close()
+    mails = [m for m, _ in keyed]
+    raw = {id(m): b for m, b in keyed}
     patches = [m for m in mails if _is_patch(m)]
     if not patches:
         raise BadInputError(f"{path}: no patches in it (no mail with a diff)")
@@ -96,7 +99,7 @@ def from_mbox(path: Path, workdir: Path, source: str | None = None) -> Series:
     files, subjects = [], []
     for i, m in enumerate(patches, 1):
         f = workdir / f"{i:04d}.patch"
-        f.write_bytes(m.as_bytes(unixfrom=True, policy=email.policy.compat32))
+        f.write_bytes(raw[id(m)])
         files.append(f)
         subjects.append(PATCH_PREFIX.sub("", _subject(m)))
     base = next((b.group(1) for m in [head, *patches] for b in [BASE_COMMIT.search(_body(m))] if b), None)
