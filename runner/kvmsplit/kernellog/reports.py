@@ -14,11 +14,47 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
 from kvmsplit.kernellog.records import Record
 
 _FN = r"[A-Za-z_]\w*"                 # a C identifier
 _SRC = r"[\w./-]+\.[A-Za-z]+"         # a source path, with its extension
+
+
+class Frame(StrEnum):
+    """How a report type picks the frame its title names: the first of its
+    candidates that is not generic (report machinery, allocators, locking)."""
+    STACK = "stack"     # the header's function, the kernel RIP, then the call trace
+    STALL = "stall"     # the code the stall interrupted, up to the syscall or worker that looped
+    ANCHOR = "anchor"   # the first trace's frame just above the syscall or worker entry (overflows)
+    HANG = "hang"       # the blocked task, grouped by what it waits for
+    LOCK = "lock"       # lockdep's `at:` lines, then the trace
+    NONE = "none"       # the title names no frame
+
+    def candidates(self, header_fn: str | None, st: _Stack) -> list[str]:
+        if self is Frame.STALL:
+            return _stalled(st)
+        if self in (Frame.HANG, Frame.ANCHOR):
+            return st.first
+        if self is Frame.LOCK:
+            return st.at + st.first
+        return ([header_fn] if header_fn else []) + st.rips + st.first
+
+    def pick(self, frames: list[str]) -> str | None:
+        if self in (Frame.STALL, Frame.ANCHOR):
+            return _stall_frame(frames)
+        if self is Frame.HANG:
+            return _hang_frame(frames)
+        return frames[0] if frames else None
+
+
+class Attach(StrEnum):
+    """What a report's header line does while another report is open."""
+    NEW = "new"     # starts its own report
+    OPEN = "open"   # is part of the open report (the `invalid opcode` line of a BUG)
+    LAST = "last"   # also rejoins the previous one when none is open (`Kernel panic - not
+                    # syncing: Fatal exception` after an oops's end marker)
 
 
 @dataclass(frozen=True)
@@ -30,27 +66,17 @@ class ReportType:
              where the kernel says it fired, anything else (kind, msg...) is
              used by name in `title`.
     title    a format string; {func} is the frame chosen by `frame`.
-    frame    how that frame is chosen: "stack" (header function, kernel RIP,
-             then the call trace: the first non-generic one), "stall" (the task
-             context's frames, anchored at the syscall or worker that looped),
-             "hang" (the blocked task, grouped by what it waits for), "lock"
-             (lockdep's `at:` lines, then the trace), "anchor" (the first
-             trace's frame just above the syscall or worker entry: stack
-             overflows) or "none".
+    frame    how that frame is chosen (Frame).
     skip     generic frames for this type on top of the common list.
-    attach   what the line does while another report is open: "new" starts its
-             own report; "open" is part of the open report (e.g. the `invalid
-             opcode` line of a BUG); "last" also rejoins the previous report when
-             none is open (`Kernel panic - not syncing: Fatal exception` after
-             an oops's end marker).
+    attach   what the line does while another report is open (Attach).
     detail   searched in the lines after the start for more title fields.
     """
     name: str
     start: re.Pattern
     title: str
-    frame: str = "stack"
+    frame: Frame = Frame.STACK
     skip: tuple[str, ...] = ()
-    attach: str = "new"
+    attach: Attach = Attach.NEW
     detail: re.Pattern | None = None
 
 
@@ -74,6 +100,7 @@ def _warning(path: str = _SRC, fn: str = _FN) -> str:
 
 _KVM_SOURCE = r"(?:arch/[\w-]+/kvm|virt/kvm)/[\w./-]+\.[ch]"
 _LOCKDEP_SKIP = ("process_one_work", "flush_workqueue", "drain_workqueue", "destroy_workqueue")
+_OVERFLOW_SKIP = ("^asm_exc", "exc_double_fault", "handle_stack_overflow", "^irq_")    # the overflow's own path
 
 # First match wins, so specific rows come before general ones.
 REPORT_TYPES: tuple[ReportType, ...] = (
@@ -105,7 +132,7 @@ REPORT_TYPES: tuple[ReportType, ...] = (
     _row("KMSAN", rf"BUG: KMSAN: (?P<kind>[\w-]+) in (?P<fn>{_FN})", "KMSAN: {kind} in {func}",
          skip=("kmsan", "__msan", "copy_to_user", "_copy_to_iter", "copyout", "usb_submit_urb")),
     _row("KCSAN", rf"BUG: KCSAN: (?P<kind>data-race|assert: race) in (?P<fns>{_FN}(?:\S*)"
-         rf"(?: / {_FN}\S*)?)", "KCSAN: {kind} in {fns}", frame="none"),
+         rf"(?: / {_FN}\S*)?)", "KCSAN: {kind} in {fns}", frame=Frame.NONE),
     _row("KCSAN", r"BUG: KCSAN: (?P<kind>[\w:-]+(?: [\w-]+)?) in ", "KCSAN: {kind} in {func}",
          skip=("kcsan",)),
     _row("KFENCE", rf"BUG: KFENCE: (?P<kind>[a-z-]+(?: (?:read|write|corruption|free))?) in "
@@ -128,7 +155,7 @@ REPORT_TYPES: tuple[ReportType, ...] = (
          "BUG: unable to handle kernel NULL pointer dereference in {func}"),
     _row("BUG", r"^Unable to handle kernel (?P<kind>paging request|NULL pointer dereference|access "
          r"to user memory)", "BUG: unable to handle kernel {kind} in {func}"),
-    _row("SOFT_LOCKUP", r"BUG: soft lockup", "BUG: soft lockup in {func}", frame="stall"),
+    _row("SOFT_LOCKUP", r"BUG: soft lockup", "BUG: soft lockup in {func}", frame=Frame.STALL),
     _row("BUG", r"BUG: (?P<kind>spinlock|rwlock) (?P<what>lockup suspected|already unlocked|"
          r"recursion|cpu recursion|bad magic|wrong owner|wrong CPU)",
          "BUG: {kind} {what} in {func}", skip=("spin_", "_lock", "_unlock")),
@@ -147,56 +174,56 @@ REPORT_TYPES: tuple[ReportType, ...] = (
                "__alloc_skb", "^alloc_skb", "^sock_alloc_send", "^sk_prot_alloc", "^getname",
                "^sk_alloc", "kasprintf", "pcpu_", "alloc_percpu", "kobject_set_name", "list_lru",
                "^kmem_", "^mempool_", "^dst_alloc", "^neigh_alloc", "^kvasprintf", "^kstrdup_const")),
-    _row("BUG", r"BUG: workqueue lockup\b", "BUG: workqueue lockup", frame="none"),
+    _row("BUG", r"BUG: workqueue lockup\b", "BUG: workqueue lockup", frame=Frame.NONE),
     _row("BUG", r"BUG: workqueue leaked lock or atomic", "BUG: workqueue leaked lock or atomic in {func}",
          skip=("process_one_work", "worker_thread"), detail=rf"last function: (?P<fn>{_FN})"),
     _row("BUG", r"BUG: (?:TASK |IRQ |\w+ )?stack guard page was hit", "BUG: stack guard page was hit "
-         "in {func}", frame="anchor", skip=("^asm_exc", "exc_double_fault", "handle_stack_overflow", "^irq_", "_irq$")),
+         "in {func}", frame=Frame.ANCHOR, skip=(*_OVERFLOW_SKIP, "_irq$")),
     _row("BUG", r"BUG: Dentry .{0,80}still in use .*\[unmount of ", "BUG: Dentry still in use in unmount",
-         frame="none"),
+         frame=Frame.NONE),
     _row("BUG", r"BUG: Bad page state in process", "BUG: Bad page state in {func}",
          skip=("bad_page", "free_page", "free_pages", "free_unref", "free_pcp", "page_frag",
                "put_page", "free_compound", "^__folio_put", "^folio_put", "release_pages",
                "free_the_page", "check_free_page", "free_page_is_bad", "destroy_large_folio",
                "__put_", "page_pool")),
-    _row("BUG", r"BUG: Bad rss-counter state", "BUG: Bad rss-counter state", frame="none"),
+    _row("BUG", r"BUG: Bad rss-counter state", "BUG: Bad rss-counter state", frame=Frame.NONE),
     _row("BUG", r"BUG: Bad page (?P<what>map|cache)", "BUG: Bad page {what} in {func}",
          skip=("print_bad_pte", "zap_", "unmap_")),
     _row("BUG", r"BUG: non-zero pgtables_bytes on freeing mm", "BUG: non-zero pgtables_bytes on "
-         "freeing mm", frame="none"),
+         "freeing mm", frame=Frame.NONE),
     _row("BUG", r"BUG: KASAN: (?P<kind>[a-z-]+) ", "KASAN: {kind} in {func}"),
     # Lockdep's bracketed headers (kernels before 4.15): `[ BUG: bad unlock balance detected! ]`.
     _row("LOCKDEP", r"^\[ BUG: (?P<what>bad unlock balance) detected", "BUG: {what} in {func}",
          skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"^\[ BUG: (?:\S+ )?(?P<what>bad unlock balance|held lock freed|lock held when "
          r"returning to user space|still has locks held|bad contention|nested lock was not taken)\b",
-         "BUG: {what} in {func}", frame="lock", skip=_LOCKDEP_SKIP),
+         "BUG: {what} in {func}", frame=Frame.LOCK, skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"^\[ INFO: (?:possible circular locking dependency|possible recursive "
          r"locking|possible irq lock inversion dependency|\S+-safe -> \S+-unsafe lock order) detected",
-         "possible deadlock in {func}", frame="lock", skip=_LOCKDEP_SKIP),
+         "possible deadlock in {func}", frame=Frame.LOCK, skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"^\[ INFO: inconsistent lock state \]", "inconsistent lock state in {func}",
-         frame="lock"),
+         frame=Frame.LOCK),
     _row("LOCKDEP", r"^\[ (?:INFO|WARNING): suspicious RCU usage", "suspicious RCU usage in {func}",
          skip=("rcu", "kmem", "slab"), detail=rf"^(?P<file>{_SRC}):(?P<line>\d+) "),
     _row("LOCKDEP", r"^WARNING: Nested lock was not taken", "WARNING: nested lock was not taken in {func}",
-         frame="lock"),
+         frame=Frame.LOCK),
     _row("LOCKDEP", r"INFO: trying to register non-static key",
          "INFO: trying to register non-static key in {func}", skip=("register_lock_class",
                                                                     "^assign_lock_key")),
     # With hashed pointers, `(ptrval)`, syzbot merged the two.
     _row("BUG", r"^WARNING: kernel stack (?:regs|frame pointer) at\s+\(ptrval\) .* has bad ",
-         "WARNING: kernel stack regs has bad value", frame="none"),
+         "WARNING: kernel stack regs has bad value", frame=Frame.NONE),
     _row("BUG", r"^WARNING: kernel stack regs at .* has bad '(?P<reg>\w+)' value",
-         "WARNING: kernel stack regs has bad '{reg}' value", frame="none"),
+         "WARNING: kernel stack regs has bad '{reg}' value", frame=Frame.NONE),
     _row("BUG", r"^WARNING: kernel stack frame pointer at .* has bad value",
-         "WARNING: kernel stack frame pointer has bad value", frame="none"),
+         "WARNING: kernel stack frame pointer has bad value", frame=Frame.NONE),
     _row("LOCKDEP", r"^\[ BUG: Invalid wait context \]|^BUG: Invalid wait context",
          "WARNING: locking bug in {func}", skip=_LOCKDEP_SKIP),
     # SLUB debugging: `BUG kmalloc-8 (Tainted: G B): Object already free`, then its track lines.
-    _row("BUG", r"^BUG [\w-]+ \(.*\): (?P<msg>\S.*)", "BUG: {msg}", frame="none"),
+    _row("BUG", r"^BUG [\w-]+ \(.*\): (?P<msg>\S.*)", "BUG: {msg}", frame=Frame.NONE),
     _row("BUG", rf"^INFO: (?P<what>Allocated|Freed) in (?P<fn>{_FN})", "INFO: {what} in {func}"),
     # Any other BUG: the kernel's own words are the title.
-    _row("BUG", r"(?:^|: )BUG: (?P<msg>\S.*)", "BUG: {msg}", frame="none"),
+    _row("BUG", r"(?:^|: )BUG: (?P<msg>\S.*)", "BUG: {msg}", frame=Frame.NONE),
     # BUG_ON(): `kernel BUG at FILE:LINE!` then `invalid opcode`.
     _row("KERNEL_BUG", r"kernel BUG at (?P<file>mm/usercopy\.c):(?P<line>\d+)",
          "BUG: bad usercopy in {func}", skip=("usercopy", "__check")),
@@ -207,56 +234,56 @@ REPORT_TYPES: tuple[ReportType, ...] = (
     # Oopses. A user-space `traps: ... general protection fault ... error:0 in libc` is not one.
     _row("GPF", r"general protection fault(?!.*\berror:\d+ in )", "general protection fault in {func}"),
     _row("OOPS", r"stack segment: ", "stack segment fault in {func}"),
-    _row("OOPS", r"PANIC: double fault", "PANIC: double fault in {func}", attach="open"),
+    _row("OOPS", r"PANIC: double fault", "PANIC: double fault in {func}", attach=Attach.OPEN),
     _row("OOPS", r"divide(?: |_)error: ", "divide error in {func}"),
-    _row("OOPS", r"^(?:Oops: )?int3: ", "int3 in {func}", attach="open"),
-    _row("OOPS", r"invalid opcode: ", "invalid opcode in {func}", attach="open"),
-    _row("OOPS", r"(?:^|Internal error: )Oops(?: - \w+)?: ", "Oops in {func}", attach="open"),
+    _row("OOPS", r"^(?:Oops: )?int3: ", "int3 in {func}", attach=Attach.OPEN),
+    _row("OOPS", r"invalid opcode: ", "invalid opcode in {func}", attach=Attach.OPEN),
+    _row("OOPS", r"(?:^|Internal error: )Oops(?: - \w+)?: ", "Oops in {func}", attach=Attach.OPEN),
     # arm64 and 32-bit ARM.
-    _row("OOPS", r"^Internal error: (?!Oops: )", "Internal error in {func}", attach="open"),
+    _row("OOPS", r"^Internal error: (?!Oops: )", "Internal error in {func}", attach=Attach.OPEN),
     _row("OOPS", r"^Unhandled fault: ", "Unhandled fault in {func}"),
     # Lockdep.
     _row("LOCKDEP", r"(?:WARNING|INFO): (?:possible circular locking dependency|possible recursive "
          r"locking|possible irq lock inversion dependency|\S+-safe -> \S+-unsafe lock order) detected",
-         "possible deadlock in {func}", frame="lock", skip=_LOCKDEP_SKIP),
+         "possible deadlock in {func}", frame=Frame.LOCK, skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"(?:WARNING|INFO): inconsistent lock state", "inconsistent lock state in {func}"),
     _row("LOCKDEP", r"WARNING: (?P<what>bad unlock balance) detected", "WARNING: {what} in {func}",
          skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"WARNING: (?:\S+ )?(?P<what>bad unlock balance|held lock freed|lock held when "
-         r"returning to user space|still has locks held)", "WARNING: {what} in {func}", frame="lock"),
+         r"returning to user space|still has locks held)", "WARNING: {what} in {func}", frame=Frame.LOCK),
     _row("LOCKDEP", r"(?P<level>WARNING|INFO): suspicious RCU usage",
          "{level}: suspicious RCU usage in {func}", skip=("rcu", "kmem", "slab"),
          detail=rf"^(?P<file>{_SRC}):(?P<line>\d+) "),
     # Stalls and hangs.
     _row("RCU_STALL", r"rcu_(?:preempt|sched|bh|tasks)\w* (?:self-)?detected(?: expedited)? stall",
-         "INFO: rcu detected stall in {func}", frame="stall", skip=("apic_timer_interrupt", "rcu")),
+         "INFO: rcu detected stall in {func}", frame=Frame.STALL, skip=("apic_timer_interrupt", "rcu")),
     _row("HARD_LOCKUP", r"Watchdog detected hard LOCKUP on cpu", "watchdog: hard LOCKUP in {func}",
-         frame="stall"),
+         frame=Frame.STALL),
     _row("HUNG_TASK", r"INFO: task .{0,100}? blocked (?:in I/O wait )?for more than \d+ seconds",
-         "INFO: task hung in {func}", frame="hang"),
+         "INFO: task hung in {func}", frame=Frame.HANG),
     _row("HUNG_TASK", r"INFO: task .{0,100}? can't die for more than \d+ seconds",
-         "INFO: task can't die in {func}", frame="hang"),
+         "INFO: task can't die in {func}", frame=Frame.HANG),
     _row("BUG", r"unregister_netdevice: waiting for (?P<dev>\w+?)\d* to become free",
-         "unregister_netdevice: waiting for DEV to become free", frame="none"),
+         "unregister_netdevice: waiting for DEV to become free", frame=Frame.NONE),
     _row("BUG", r"^VFS: Close: file count is 0$", "VFS: Close: file count is zero (use-after-free)",
-         frame="none"),
+         frame=Frame.NONE),
     _row("BUG", r"^VFS: Busy inodes after unmount of ", "VFS: Busy inodes after unmount (use-after-free)",
-         frame="none"),
+         frame=Frame.NONE),
     # Panics. Most follow another report and say only that it was fatal.
     _row("PANIC", r"Kernel panic - not syncing: (?P<msg>Fatal exception.*|.*panic_on_\w+ set.*|"
          r"hung_task: blocked tasks|softlockup: hung tasks|Hard LOCKUP|Machine halted\.?)$",
-         "kernel panic: {msg}", frame="none", attach="last"),
+         "kernel panic: {msg}", frame=Frame.NONE, attach=Attach.LAST),
     _row("PANIC", r"Kernel panic - not syncing: stack-protector: Kernel stack is corrupted in: "
-         r"(?P<where>\S+)", "kernel panic: stack is corrupted in {func}", attach="open",
+         r"(?P<where>\S+)", "kernel panic: stack is corrupted in {func}", attach=Attach.OPEN,
          skip=("__stack_chk_fail", "stack_chk")),
     _row("PANIC", r"Kernel panic - not syncing: corrupted stack end detected inside scheduler",
-         "kernel panic: corrupted stack end in {func}", attach="open", frame="anchor"),
+         "kernel panic: corrupted stack end in {func}", attach=Attach.OPEN, frame=Frame.ANCHOR),
     _row("PANIC", r"Kernel panic - not syncing: kernel stack overflow", "kernel stack overflow in {func}",
-         attach="open", frame="anchor", skip=("^asm_exc", "exc_double_fault", "handle_stack_overflow", "^irq_")),
+         attach=Attach.OPEN, frame=Frame.ANCHOR, skip=_OVERFLOW_SKIP),
     _row("PANIC", r"Kernel panic - not syncing: Attempted to kill init!",
-         "kernel panic: Attempted to kill init!", frame="none", attach="open"),
-    _row("PANIC", r"Kernel panic - not syncing: (?P<msg>.*)", "kernel panic: {msg}", frame="none",
-         attach="open"),
+         "kernel panic: Attempted to kill init!", frame=Frame.NONE, attach=Attach.OPEN),
+    _row("PANIC", r"Kernel panic - not syncing: (?P<msg>.*)", "kernel panic: {msg}", frame=Frame.NONE,
+         attach=Attach.OPEN),
 )
 
 # Frames that never name a bug: report machinery, allocators, locking and
@@ -482,10 +509,10 @@ def _group(lines: list[str]) -> list[_Span]:
                 cur.end = i
             continue
         rtype, m = found
-        if rtype.attach != "new" and cur:
+        if rtype.attach is not Attach.NEW and cur:
             cur.end = i
             continue
-        if rtype.attach == "last" and spans:
+        if rtype.attach is Attach.LAST and spans:
             cur = spans[-1]
             cur.end, cur.closed = i, False
             continue
@@ -598,29 +625,20 @@ def _skip_pattern(extra: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(_GENERIC_FRAMES + extra))
 
 
+def _stalled(st: _Stack) -> list[str]:
+    """The stalled CPU's trace is the one interrupted by the timer or NMI; the
+    frames from where its task context resumes are the looping code. The first
+    trace is the stalled CPU's own when its RIP came first (soft lockup)."""
+    own = st.rips and st.traces and not st.traces[0].after_irq
+    irq = None if own else next((t for t in st.traces if t.after_irq), None)
+    return irq.frames[irq.after_irq:] if irq else st.rips + st.first
+
+
 def _choose_frame(rtype: ReportType, header_fn: str | None, st: _Stack) -> str | None:
-    if rtype.frame == "none":
+    if rtype.frame is Frame.NONE:
         return None
-    if rtype.frame == "stall":
-        # The stalled CPU's trace is the one interrupted by the timer or NMI;
-        # the frames from where its task context resumes are the looping code.
-        # The first trace is the stalled CPU's own when its RIP came first (soft lockup).
-        own = st.rips and st.traces and not st.traces[0].after_irq
-        irq = None if own else next((t for t in st.traces if t.after_irq), None)
-        candidates = irq.frames[irq.after_irq:] if irq else st.rips + st.first
-    elif rtype.frame in ("hang", "anchor"):
-        candidates = st.first
-    elif rtype.frame == "lock":
-        candidates = st.at + st.first
-    else:
-        candidates = ([header_fn] if header_fn else []) + st.rips + st.first
     skip = _skip_pattern(rtype.skip)
-    frames = [_strip(f) for f in candidates if not skip.search(f)]
-    if rtype.frame in ("stall", "anchor"):
-        return _stall_frame(frames)
-    if rtype.frame == "hang":
-        return _hang_frame(frames)
-    return frames[0] if frames else None
+    return rtype.frame.pick([_strip(f) for f in rtype.frame.candidates(header_fn, st) if not skip.search(f)])
 
 
 def _stable_title(title: str) -> str:
@@ -648,7 +666,7 @@ def _corruption(rtype: ReportType, func: str | None, st: _Stack, dropped: bool, 
         return "printk messages were dropped inside it"
     if _GLUED.search(header):
         return "interleaved: another line is glued to its header"
-    if rtype.frame == "none":
+    if rtype.frame is Frame.NONE:
         return None
     if func is None:
         return "no usable stack frame"
