@@ -232,3 +232,12 @@ def test_huge_mappings_lost_while_only_the_emulator_wrote_fail_the_split_check()
     split = next(c for c in j.checks if c.name == "split")
     assert j.verdict == FAIL and split.status == "fail"
     assert "huge mappings changed by dirty-1: 3 of 8 left" in split.summary
+
+
+def test_a_ring_below_the_smallest_kvm_accepts_is_a_skip(facts):
+    """What a host with Intel PML (512 reserved entries more) says of a 4K ring."""
+    from kvmsplit.scenario.engine import ScenarioRun
+    pml = replace(facts, dirty_ring_min=16384)
+    res = ScenarioRun(small("r", DirtyMode.RING), pml, None, None, None).run()
+    assert res.verdict == SKIP and "below the smallest ring KVM accepts here (16384" in res.reasons[0]
+    assert facts.dirty_ring_min and facts.dirty_ring_min & (facts.dirty_ring_min - 1) == 0

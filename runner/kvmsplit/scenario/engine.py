@@ -170,6 +170,9 @@ class ScenarioRun:
             return f"KVM lacks KVM_CAP_{cap}"
         if cap and s.dirty_mode.ring and s.ring_size > f.cap(cap):
             return f"ring_size {s.ring_size} exceeds KVM's maximum {f.cap(cap)}"
+        if s.dirty_mode.ring and f.dirty_ring_min and s.ring_size < f.dirty_ring_min:
+            return (f"ring_size {s.ring_size} is below the smallest ring KVM accepts here ({f.dirty_ring_min}: "
+                    "its reserved entries must fit)")
         if s.guest_page == "1g" and not f.guest_features.get("pdpe1gb"):
             return ("KVM does not offer 1G guest pages here (no PDPE1GB in "
                     "KVM_GET_SUPPORTED_CPUID)")
