@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 from tests.kernellog.syzcorpus import ARCHIVE, CorpusFile, load_corpus
 
-from kvmsplit.kernellog import parse_log_text, parse_reports
+from kvmsplit.kernellog import Report, parse_log_text, parse_reports
 
 GOALS = {"x86": {"detection": 98.0, "exact": 90.0}, "non-x86": {"detection": 75.0, "exact": 75.0}}
 
@@ -53,6 +53,12 @@ def corpus() -> tuple[str, list[CorpusFile]]:
     return load_corpus()
 
 
+@pytest.fixture(scope="module")
+def parsed(corpus) -> dict[str, list[Report]]:
+    """Each corpus file's reports, parsed once for the module."""
+    return {cf.name: parse_reports(parse_log_text(cf.log)) for cf in corpus[1]}
+
+
 def test_corpus_is_pinned_whole(corpus):
     commit, files = corpus
     assert re.fullmatch(r"[0-9a-f]{40}", commit)
@@ -61,7 +67,7 @@ def test_corpus_is_pinned_whole(corpus):
     assert "tests/kernellog/syzkaller-corpus.tar.xz" in notice
 
 
-def test_titles_agree_with_syzkaller(corpus):
+def test_titles_agree_with_syzkaller(corpus, parsed):
     _, files = corpus
     figs = {"x86": Figures(), "non-x86": Figures()}
     misses: list[str] = []
@@ -69,7 +75,7 @@ def test_titles_agree_with_syzkaller(corpus):
         if cf.title is None:
             continue
         fig = figs["non-x86" if cf.non_x86 else "x86"]
-        got = titles(cf.log)
+        got = [r.title for r in parsed[cf.name]]
         fig.with_report += 1
         fig.detected += bool(got)
         if cf.corrupted or cf.suppressed:
@@ -88,14 +94,14 @@ def test_titles_agree_with_syzkaller(corpus):
         assert fig.exact_pct >= GOALS[name]["exact"], f"{name} exact titles {fig.exact_pct:.1f} %"
 
 
-def test_corrupted_flags_agree_with_syzkaller(corpus):
+def test_corrupted_flags_agree_with_syzkaller(corpus, parsed):
     """Not a goal of issue 15's, a floor under what was measured (92.6 %): syzkaller also
     calls reports corrupted for reasons kvmsplit does not check (e.g. a stack
     that looks like another report's), so agreement is not total."""
     _, files = corpus
     agree = total = 0
     for cf in files:
-        reports = parse_reports(parse_log_text(cf.log)) if cf.title and not cf.suppressed else []
+        reports = parsed[cf.name] if cf.title and not cf.suppressed else []
         if reports:
             total += 1
             agree += reports[0].corrupted == cf.corrupted
@@ -103,11 +109,11 @@ def test_corrupted_flags_agree_with_syzkaller(corpus):
     assert agree / total >= 0.90
 
 
-def test_no_reports_in_report_free_files(corpus):
+def test_no_reports_in_report_free_files(corpus, parsed):
     _, files = corpus
     free = [cf for cf in files if cf.title is None]
     assert len(free) >= 30
-    found = {cf.name: titles(cf.log) for cf in free}
+    found = {cf.name: [r.title for r in parsed[cf.name]] for cf in free}
     print(f"\nreport-free files: {len(free)}, with a report found: "
           f"{sum(bool(t) for t in found.values())}")
     assert {name: t for name, t in found.items() if t} == {}
@@ -134,13 +140,13 @@ def another_run(log: str, rng: random.Random) -> str:
     return _SECS.sub(lambda m: f"{m[1]}{int(m[2]) + rng.randint(1, 60)}{m[3]}", log)
 
 
-def test_titles_are_stable_across_runs_of_the_same_bug(corpus):
+def test_titles_are_stable_across_runs_of_the_same_bug(corpus, parsed):
     _, files = corpus
     rng = random.Random(15)
     unstable = []
     compared = 0
     for cf in files:
-        first = titles(cf.log)
+        first = [r.title for r in parsed[cf.name]]
         if not first:
             continue
         compared += 1
