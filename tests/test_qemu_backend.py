@@ -219,14 +219,13 @@ def test_kvmsplit_trace_shows_the_logging_window_qemu_opened_and_closed(tmp_path
                         "kvmsplit", "run", "--scenario", str(f), "-o", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=600)
     d = json.loads(out.read_text())
-    assert r.returncode == 0 == d["exit_code"], r.stderr[-2000:]
+    rr = json.loads((tmp_path / "run" / "results.json").read_text())["scenarios"][0]
+    assert r.returncode == 0 == d["exit_code"], (rr["verdict"], rr["reasons"])
     test_slots = [m for m in d["summary"]["memslots"]
                   if m["guest_phys_addr"] == 1 << 32 and m["memory_size"] == 16 * MB]
     windows = [w for m in test_slots for w in m["dirty_log_windows"]]
     assert len(windows) == 1 and windows[0]["ended_by"] == "flags", test_slots
     w = windows[0]
-    rr = json.loads((tmp_path / "run" / "results.json").read_text())["scenarios"][0]
-    assert rr["verdict"] == "PASS", rr["reasons"]
     # the window spans the measurement: at least calc-dirty-rate's calc-time
     assert w["duration_ms"] >= 1000 * rr["dirty"]["dirty_rate"]["calc_time_s"] * 0.9
 
@@ -254,3 +253,39 @@ def test_the_same_scenario_on_both_backends_side_by_side(tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "<h2>A/B: the same scenarios on two VMMs" in html and '<span class="tag">qemu</span>' in html
     assert html.count("<td>ab/thp</td>") == 1
+
+
+def test_trace_attached_to_qemu_puts_its_logging_window_on_the_timeline(tmp_path):
+    """`kvmsplit run --trace`: each QEMU is followed by `kvmsplit trace --pid`; the window QEMU
+    opened on the test DIMM lies where the scenario's phases say (both CLOCK_MONOTONIC)."""
+    f = tmp_path / "q.toml"
+    f.write_text('[[scenario]]\nname = "traced"\nbackend = "qemu"\nqemu_flow = "dirty-rate"\nsize = "16M"\n')
+    r = subprocess.run([sys.executable, "-m", "kvmsplit", "run", "--scenario", str(f), "--trace",
+                        "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "out" / "results.json").read_text())["scenarios"][0]
+    tr, starts = s["extra"]["vmm_trace"]["src"], s["extra"]["phase_starts_monotonic_s"]
+    (w,) = tr["windows"]
+    on = tr["t0_monotonic_s"] + w["enabled_ms"] / 1000
+    off = tr["t0_monotonic_s"] + w["disabled_ms"] / 1000
+    assert starts["enable"] <= on <= starts["dirty-1"], (on, starts)        # calc-dirty-rate turned it on
+    assert starts["dirty-1"] <= off <= starts["recovery"], (off, starts)    # and off when it had measured
+    assert w["ended_by"] == "flags" and tr["counts"]["KVM_CLEAR_DIRTY_LOG"] + tr["counts"]["KVM_GET_DIRTY_LOG"] > 0
+    subprocess.run([sys.executable, "-m", "kvmsplit", "report", str(tmp_path / "out" / "results.json"), "-o",
+                    str(tmp_path / "r.html")], check=True, capture_output=True, timeout=60)
+    assert '<svg class="timeline"' in (tmp_path / "r.html").read_text()
+
+
+def test_selftests_run_trace_records_the_tests_logging_window(tmp_path):
+    """`kvmsplit selftests run --trace`: the selftest runs under ptrace, its result is unchanged,
+    and its dirty-logging window is in the results."""
+    r = subprocess.run([sys.executable, "-m", "kvmsplit", "selftests", "run", "-k",
+                        "dirty_log_perf_test/-s anonymous -v 1 -g", "--trace", "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "out" / "results.json").read_text())["scenarios"][0]
+    assert s["verdict"] == "PASS" and s["extra"]["exit_code"] == 0
+    tr = s["extra"]["vmm_trace"]["kselftest"]
+    assert tr["exit_code"] == 0 and tr["counts"]["KVM_RUN"] > 0
+    (w,) = tr["windows"]          # dirty_log_perf_test -g: logging on once, off once, on its test slot
+    assert w["ended_by"] == "flags" and w["duration_ms"] > 0 and w["size"] >= 1 << 20

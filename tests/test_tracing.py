@@ -33,7 +33,7 @@ from kvmsplit.tracing import (
     parse_trace,
     probe,
 )
-from kvmsplit.tracing.tracefs import EventSpec, Tracefs
+from kvmsplit.tracing.tracefs import EventSpec, Tracefs, pid_namespace
 
 DATA = Path(__file__).parent / "tracing_data"
 REPO = Path(__file__).resolve().parents[1]
@@ -503,3 +503,25 @@ def test_sessions_use_a_mounted_tracefs_or_mount_and_unmount_their_own(tracing):
     with TraceSession(private_mount=True) as s:
         assert f" {s.fs.root} tracefs " in Path("/proc/mounts").read_text()
     assert Path("/proc/mounts").read_text() == mounts
+
+
+RECOVER_IN_NEW_PID_NS = ("from kvmsplit.tracing.tracefs import recover_stale, pid_namespace; "
+                         "import json; print(json.dumps([pid_namespace(), recover_stale()]))")
+
+
+def test_a_kvmsplit_in_another_pid_namespace_leaves_our_live_session_alone(tracing):
+    """tracefs instances are global, pids are not: a kvmsplit in a container (or a test's
+    'remote box') cannot see our pid, so it must not take our live instance for a dead
+    one. Seen for real: a concurrent run in a new pid namespace removed a live run's instance
+    mid-scenario (trace_pipe gone). Old instance names (no namespace) are still judged."""
+    need(shutil.which("unshare") is not None, "unshare not installed")
+    with TraceSession() as ts:
+        r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                            RECOVER_IN_NEW_PID_NS], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "runner")})
+        assert r.returncode == 0, r.stderr
+        their_ns, done = json.loads(r.stdout)
+        assert their_ns != pid_namespace()
+        assert not [d for d in done if ts.instance.name in d], done
+        assert ts.instance.exists()
+        ts.take()                   # still ours, still readable

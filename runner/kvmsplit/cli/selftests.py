@@ -48,6 +48,7 @@ def run_cases(args, cases: list[SelftestCase], *, what: str = "", series: dict |
         f"{facts.kernel_release}; results in {out}/")
     rr = runner.run_selftests(cases, b, facts, out, allow_host_changes=not args.no_host_changes,
                               wait_for_host=not args.no_wait, accept_user_log=args.accept_user_log, argv=sys.argv,
+                              trace=getattr(args, "trace", False),
                               on_start=lambda c: progress.phase(c.name, "running"),
                               on_result=lambda i, r: progress.result(r), sinks=default_sinks(args, series))
     return finish(args, rr, out, selftest_table)
@@ -95,6 +96,9 @@ def add_parsers(sub) -> None:
     add_selection(sp, "--manifest")
     tree(sp)
     add_run_options(sp, "results/<time>-selftests")   # the same outputs and history as `kvmsplit run`
+    sp.add_argument("--trace", action="store_true",
+                    help="run each test under `kvmsplit trace` (ptrace): its dirty-logging windows go into the "
+                         "results and the report's timeline")
     sp.set_defaults(func=cmd_run)
 
     sp = ss.add_parser("parse", help="parse a selftest's captured output (KTAP, assertion, timings) as JSON")

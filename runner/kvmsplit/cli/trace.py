@@ -61,7 +61,7 @@ def cmd_trace(args) -> int:
                 f.write(text + "\n")
         else:
             print(text)
-    if not as_json or args.output:
+    if (not as_json or args.output) and not args.no_summary:
         _print_summary(result, sys.stderr)
     if result.interrupted:
         return EXIT_INTERRUPTED
@@ -76,6 +76,8 @@ def add_parsers(sub) -> None:
     sp.add_argument("--json", action="store_true", help="print the events and summary as JSON on stdout at the end")
     sp.add_argument("-o", "--output", metavar="FILE", help="write the JSON to FILE (the text summary goes to stderr)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no line per KVM ioctl, only the summary")
+    sp.add_argument("--no-summary", action="store_true",
+                    help="with -o: no text summary either (the traced command's own output stays as it was)")
     sp.add_argument("--max-events", type=int, default=EVENTS_CAP, metavar="N",
                     help=f"events kept in the JSON (default {EVENTS_CAP}; all are counted)")
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

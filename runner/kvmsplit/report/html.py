@@ -137,9 +137,10 @@ def vmm_timeline(sr: ScenarioResult) -> str | None:
     kernel's split events in it (kvmmmu tracepoints)."""
     traces = (sr.extra or {}).get("vmm_trace") or {}
     starts = (sr.extra or {}).get("phase_starts_monotonic_s") or {}
-    if not traces or not starts:
+    bases = [tr["t0_monotonic_s"] for tr in traces.values() if tr.get("t0_monotonic_s") is not None]
+    if not bases:
         return None
-    t0 = min(starts.values())
+    t0 = min([*starts.values(), *bases])
     bars = [(p.name, starts[p.name] - t0, starts[p.name] - t0 + p.duration_s) for p in sr.phases if p.name in starts]
     rows = []
     for name, tr in traces.items():

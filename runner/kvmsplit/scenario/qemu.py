@@ -42,6 +42,7 @@ from kvmsplit.scenario.model import DirtyMode, Scenario
 from kvmsplit.scenario.observations import Observations
 from kvmsplit.scenario.verdict import HUGE_SIZES, decide, judge
 from kvmsplit.scenario.witness import Witness
+from kvmsplit.syscalls import logging_windows
 from kvmsplit.tracing import TraceSession, TracingUnavailable
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.machine import GuestError, GuestTimeout
@@ -121,15 +122,7 @@ class VmmTrace:
         except (OSError, ValueError):
             why = (self.path.parent / f"{self.vm.name}.trace.stderr").read_text(errors="replace").strip()
             return {"error": why.splitlines()[-1] if why else f"kvmsplit trace exited {self.p.returncode}"}
-        return vmm_trace_summary(doc)
-
-
-def vmm_trace_summary(doc: dict) -> dict:
-    """What the report's timeline needs: the test DIMM's logging windows and the call counts."""
-    slots = [m for m in doc.get("summary", {}).get("memslots", []) if m.get("guest_phys_addr") == TEST_GPA]
-    return {"t0_monotonic_s": doc.get("t0_monotonic_s"), "kvm_ioctls": doc.get("kvm_ioctls"),
-            "counts": doc.get("summary", {}).get("counts", {}),
-            "windows": [w for m in slots for w in m.get("dirty_log_windows", [])]}
+        return logging_windows(doc, TEST_GPA)
 
 
 class QemuScenarioRun:

@@ -9,7 +9,9 @@ results.json; results.json holds the parsed parts and the tails.
 """
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from kvmsplit.selftests import process
 from kvmsplit.selftests.build import SelftestBuild
 from kvmsplit.selftests.manifest import HUGEPAGE_SIZES, SelftestCase
 from kvmsplit.selftests.verdict import record
+from kvmsplit.syscalls import logging_windows
 
 
 def log_name(case: SelftestCase) -> str:
@@ -35,8 +38,20 @@ def _skip(res: ScenarioResult, why: str) -> ScenarioResult:
     return res
 
 
+def traced(command: list[str], trace_json: Path) -> list[str]:
+    """The same command under `kvmsplit trace` (ptrace): its exit code and output pass through."""
+    return [sys.executable, "-m", "kvmsplit", "trace", "-q", "--no-summary", "-o", str(trace_json), "--", *command]
+
+
+def _read_trace(res: ScenarioResult, path: Path) -> None:
+    try:
+        res.extra["vmm_trace"] = {"kselftest": logging_windows(json.loads(path.read_text()))}
+    except (OSError, ValueError) as e:
+        res.extra["vmm_trace"] = {"kselftest": {"error": f"no trace: {getattr(e, 'strerror', None) or e}"}}
+
+
 def run_case(case: SelftestCase, build: SelftestBuild, facts: HostFacts, host: HostChanges,
-             outdir: Path, *, accept_user_log: bool = False) -> ScenarioResult:
+             outdir: Path, *, accept_user_log: bool = False, trace: bool = False) -> ScenarioResult:
     res = ScenarioResult(name=case.name, scenario=case.to_dict())
     res.started = time.time()
     binary = build.binary(case.test)
@@ -57,13 +72,17 @@ def run_case(case: SelftestCase, build: SelftestBuild, facts: HostFacts, host: H
     try:
         # cwd: a crashing test's core file (core_pattern permitting) lands next
         # to its log, not in the user's working directory
-        proc = process.run(res.extra["command"], case.timeout, log=log, cwd=log.parent)
+        trace_json = log.with_suffix(".trace.json")
+        command = traced(res.extra["command"], trace_json) if trace else res.extra["command"]
+        proc = process.run(command, case.timeout, log=log, cwd=log.parent)
     except OSError as e:       # it could not even start: not executable, wrong architecture
         res.verdict, res.reasons, res.duration_s = ERROR, [f"cannot run {binary}: {e.strerror}"], 0.0
         return res
     finally:
         res.kernel_log = guard.stop().to_dict()
     record(res, proc, case.timeout)
+    if trace:
+        _read_trace(res, trace_json)
     return res
 
 
@@ -72,10 +91,10 @@ class SelftestBackend:
     kind = "kselftest"
 
     def __init__(self, cases: list[SelftestCase], build: SelftestBuild, facts: HostFacts, outdir: Path, *,
-                 accept_user_log: bool = False,
+                 accept_user_log: bool = False, trace: bool = False,
                  on_start: Callable[[SelftestCase], None] | None = None):
         self.cases, self.build, self.facts, self.outdir = cases, build, facts, outdir
-        self.accept_user_log, self.on_start = accept_user_log, on_start
+        self.accept_user_log, self.on_start, self.trace = accept_user_log, on_start, trace
 
     def plan(self) -> list[tuple[str, dict]]:
         return [(c.name, c.to_dict()) for c in self.cases]
@@ -84,7 +103,7 @@ class SelftestBackend:
         if self.on_start:
             self.on_start(self.cases[index])
         return run_case(self.cases[index], self.build, self.facts, host, self.outdir,
-                        accept_user_log=self.accept_user_log)
+                        accept_user_log=self.accept_user_log, trace=self.trace)
 
     def close(self) -> None:
         pass
@@ -92,11 +111,12 @@ class SelftestBackend:
 
 def run_selftests(cases: list[SelftestCase], build: SelftestBuild, facts: HostFacts, outdir: Path, *,
                   allow_host_changes: bool = True, wait_for_host: bool = True, accept_user_log: bool = False,
-                  argv: list[str] | None = None,
+                  argv: list[str] | None = None, trace: bool = False,
                   on_start: Callable[[SelftestCase], None] | None = None,
                   on_result: Callable[[int, ScenarioResult], None] | None = None,
                   sinks: Sequence[ResultSink] = ()) -> RunResult:
-    backend = SelftestBackend(cases, build, facts, outdir, accept_user_log=accept_user_log, on_start=on_start)
+    backend = SelftestBackend(cases, build, facts, outdir, accept_user_log=accept_user_log, trace=trace,
+                              on_start=on_start)
     return run_items(backend, facts, outdir, allow_host_changes=allow_host_changes, wait_for_host=wait_for_host,
                      argv=argv,
                      on_result=on_result, sinks=sinks)

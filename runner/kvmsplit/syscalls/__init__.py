@@ -9,8 +9,18 @@ the standard library and python-ptrace.
     result = Tracer(on_event=print).run(["python", "-m", "kvmsplit", "run", ...])
     result.exit_code, result.to_dict()["summary"]["memslots"]
 """
-from .decode import EVENTS_CAP, Call, Recorder, decode_args, describe, fd_kind, ioctl_name, is_kvm_request
+from .decode import (
+    EVENTS_CAP,
+    Call,
+    Recorder,
+    decode_args,
+    describe,
+    fd_kind,
+    ioctl_name,
+    is_kvm_request,
+    logging_windows,
+)
 from .ptracer import Tracer, TraceResult
 
 __all__ = ["EVENTS_CAP", "Call", "Recorder", "TraceResult", "Tracer", "decode_args", "describe", "fd_kind",
-           "ioctl_name", "is_kvm_request"]
+           "ioctl_name", "is_kvm_request", "logging_windows"]

@@ -312,3 +312,15 @@ def describe(ev: dict[str, Any]) -> str:
     dl = f"  dirty logging {ev['dirty_log'].upper()}" if "dirty_log" in ev else ""
     return (f"[{ev['t_ms']:>10.3f} ms] {ev['pid']}/{ev['tid']} {ev['ioctl']}({', '.join(parts)}) = {ret}"
             f" <{ev['us']} us>{dl}")
+
+
+def logging_windows(doc: dict[str, Any], gpa: int | None = None) -> dict[str, Any]:
+    """From a `kvmsplit trace` JSON document: the dirty-logging windows of the memslot(s) at
+    `gpa` (a test region; None: every memslot that had one), each with its slot's GPA and size,
+    and the call counts: what a report's timeline needs."""
+    summary = doc.get("summary", {})
+    slots = [m for m in summary.get("memslots", []) if gpa is None or m.get("guest_phys_addr") == gpa]
+    return {"t0_monotonic_s": doc.get("t0_monotonic_s"), "kvm_ioctls": doc.get("kvm_ioctls"),
+            "exit_code": doc.get("exit_code"), "counts": summary.get("counts", {}),
+            "windows": [{**w, "gpa": m.get("guest_phys_addr"), "size": m.get("memory_size")}
+                        for m in slots for w in m.get("dirty_log_windows", [])]}

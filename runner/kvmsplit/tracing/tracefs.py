@@ -74,8 +74,11 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-PRIVATE_MOUNT = re.compile(r"kvmsplit-tracefs-(\d+)-")
-INSTANCE = re.compile(r"kvmsplit-(\d+)-\w*\d+-[0-9a-f]{6}")
+# <pid>, then the pid namespace the pid belongs to: tracefs instances are global, and a
+# kvmsplit in another pid namespace (a container, a test's "remote box") must not take a pid
+# it cannot see for a dead one. Names without the namespace are from older versions.
+PRIVATE_MOUNT = re.compile(r"kvmsplit-tracefs-(\d+)-(?:ns(\d+)-)?")
+INSTANCE = re.compile(r"kvmsplit-(\d+)-\w*\d+-[0-9a-f]{6}(?:-ns(\d+))?")
 
 
 def tracefs_mounts(mounts: str) -> list[str]:
@@ -101,6 +104,19 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+def pid_namespace() -> int:
+    """The inode of this process's pid namespace (0 where /proc/self/ns is unreadable)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _dead(pid: str, ns: str | None) -> bool:
+    """A pid of another pid namespace is not ours to judge: never dead."""
+    return (ns is None or int(ns) == pid_namespace()) and not _alive(int(pid))
+
+
 def recover_stale(mounts_path: str = "/proc/mounts") -> list[str]:
     """Undo what a kvmsplit killed outright (SIGKILL, power loss) left in tracefs:
     its trace instances, and the private tracefs it had mounted. What live
@@ -112,10 +128,11 @@ def recover_stale(mounts_path: str = "/proc/mounts") -> list[str]:
     done = []
     for point in points:
         owner = PRIVATE_MOUNT.match(Path(point).name)
-        dead_mount = owner is not None and not _alive(int(owner[1]))
+        dead_mount = owner is not None and _dead(owner[1], owner[2])
         for name in leftover_instances(point):
-            pid = int(INSTANCE.fullmatch(name)[1])       # type: ignore[index]
-            if dead_mount or not _alive(pid):
+            inst = INSTANCE.fullmatch(name)
+            assert inst is not None                     # leftover_instances() matched it
+            if dead_mount or _dead(inst[1], inst[2]):
                 try:
                     os.rmdir(Path(point) / "instances" / name)
                     done.append(f"trace instance {name}")
@@ -197,7 +214,7 @@ class Tracefs:
             have = False
         if not have:
             raise TracingUnavailable("the kernel has no tracefs (CONFIG_TRACING off?)")
-        d = tempfile.mkdtemp(prefix=f"kvmsplit-tracefs-{os.getpid()}-")      # the pid: see recover_stale()
+        d = tempfile.mkdtemp(prefix=f"kvmsplit-tracefs-{os.getpid()}-ns{pid_namespace()}-")  # see recover_stale()
         try:
             _mount_tracefs(d)
         except OSError as e:
@@ -252,7 +269,7 @@ def probe(root: str | os.PathLike[str] | None = None, specs: tuple[EventSpec, ..
 
 
 def _instance_name(kind: str = "") -> str:
-    return f"kvmsplit-{os.getpid()}-{kind}{next(_counter)}-{secrets.token_hex(3)}"
+    return f"kvmsplit-{os.getpid()}-{kind}{next(_counter)}-{secrets.token_hex(3)}-ns{pid_namespace()}"
 
 
 def _write(path: Path, value: str) -> None:
