@@ -289,3 +289,26 @@ def test_selftests_run_trace_records_the_tests_logging_window(tmp_path):
     assert tr["exit_code"] == 0 and tr["counts"]["KVM_RUN"] > 0
     (w,) = tr["windows"]          # dirty_log_perf_test -g: logging on once, off once, on its test slot
     assert w["ended_by"] == "flags" and w["duration_ms"] > 0 and w["size"] >= 1 << 20
+
+
+def _obs(populate, enable, d1, splits, trace=True):
+    from kvmsplit.runs.results import Phase
+    from kvmsplit.scenario.observations import Observations
+    tr = (lambda n: {"splits_by_level": {"2": n}}) if trace else (lambda n: None)
+    phases = (Phase("populate", 1, 0, {"pages_2m": populate}), Phase("enable", 1, 0, {"pages_2m": enable}, {}, tr(0)),
+              Phase("dirty-1", 1, 0, {"pages_2m": d1}, {}, tr(splits)))
+    return Observations(size=64 * MB, backing="thp", phases=phases, trace_unavailable=None if trace else "off")
+
+
+@pytest.mark.parametrize("populate,enable,d1,splits,trace,want,observed", [
+    (32, 32, 0, 0, True, "pass", "lazy"),                # kept at enable, faults took them, no split events
+    (32, 32, 0, 32, True, "fail", "eager"),              # KVM split them all: eager, but lazy was expected
+    (32, 32, 0, 16, True, "fail", "eager-incomplete"),   # KVM split half (planted 0002's shape)
+    (32, 32, 32, 0, True, "fail", "none"),               # nothing split although the guest wrote
+    (32, 32, 0, 0, False, "unchecked", None),            # no tracepoints: eager and lazy look alike
+], ids=["lazy", "eager-unexpected", "eager-incomplete", "not-split", "no-trace"])
+def test_qemu_split_check(populate, enable, d1, splits, trace, want, observed):
+    from kvmsplit.scenario.expectation import Expectation
+    from kvmsplit.scenario.qemu import qemu_split_check
+    got, check = qemu_split_check(_obs(populate, enable, d1, splits, trace), Expectation("lazy", None, "test"))
+    assert (check.status.value, got) == (want, observed), check.summary
