@@ -95,7 +95,7 @@ def test_titles_agree_with_syzkaller(corpus, parsed):
 
 
 def test_corrupted_flags_agree_with_syzkaller(corpus, parsed):
-    """Not a goal of issue 15's, a floor under what was measured (92.6 %): syzkaller also
+    """Not a goal of issue 15's, a floor under what was measured (92.1 %): syzkaller also
     calls reports corrupted for reasons kvmsplit does not check (e.g. a stack
     that looks like another report's), so agreement is not total."""
     _, files = corpus

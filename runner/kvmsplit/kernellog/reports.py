@@ -203,7 +203,7 @@ REPORT_TYPES: tuple[ReportType, ...] = (
          "possible deadlock in {func}", frame=Frame.LOCK, skip=_LOCKDEP_SKIP),
     _row("LOCKDEP", r"^\[ INFO: inconsistent lock state \]", "inconsistent lock state in {func}",
          frame=Frame.LOCK),
-    _row("LOCKDEP", r"^\[ (?:INFO|WARNING): suspicious RCU usage", "suspicious RCU usage in {func}",
+    _row("LOCKDEP", r"^\[ (?P<level>INFO|WARNING): suspicious RCU usage", "{level}: suspicious RCU usage in {func}",
          skip=("rcu", "kmem", "slab"), detail=rf"^(?P<file>{_SRC}):(?P<line>\d+) "),
     _row("LOCKDEP", r"^WARNING: Nested lock was not taken", "WARNING: nested lock was not taken in {func}",
          frame=Frame.LOCK),
@@ -264,7 +264,7 @@ REPORT_TYPES: tuple[ReportType, ...] = (
     _row("HUNG_TASK", r"INFO: task .{0,100}? can't die for more than \d+ seconds",
          "INFO: task can't die in {func}", frame=Frame.HANG),
     _row("BUG", r"unregister_netdevice: waiting for (?P<dev>\w+?)\d* to become free",
-         "unregister_netdevice: waiting for DEV to become free", frame=Frame.NONE),
+         "unregister_netdevice: waiting for DEV to become free", frame=Frame.NONE, attach=Attach.OPEN),
     _row("BUG", r"^VFS: Close: file count is 0$", "VFS: Close: file count is zero (use-after-free)",
          frame=Frame.NONE),
     _row("BUG", r"^VFS: Busy inodes after unmount of ", "VFS: Busy inodes after unmount (use-after-free)",
@@ -274,7 +274,7 @@ REPORT_TYPES: tuple[ReportType, ...] = (
          r"hung_task: blocked tasks|softlockup: hung tasks|Hard LOCKUP|Machine halted\.?)$",
          "kernel panic: {msg}", frame=Frame.NONE, attach=Attach.LAST),
     _row("PANIC", r"Kernel panic - not syncing: stack-protector: Kernel stack is corrupted in: "
-         r"(?P<where>\S+)", "kernel panic: stack is corrupted in {func}", attach=Attach.OPEN,
+         rf"(?:(?P<fn>{_FN})\+0x|[0-9a-f]+)", "kernel panic: stack is corrupted in {func}", attach=Attach.OPEN,
          skip=("__stack_chk_fail", "stack_chk")),
     _row("PANIC", r"Kernel panic - not syncing: corrupted stack end detected inside scheduler",
          "kernel panic: corrupted stack end in {func}", attach=Attach.OPEN, frame=Frame.ANCHOR),
@@ -378,7 +378,9 @@ _GENERIC_FRAMES = (
     "^__should_fail", "^fail_dump", "^should_failslab", "^__should_failslab",
     "^__sanitizer_cov", "^entry_SYSCALL", "^__alloc_frozen_pages", "alloc_frozen_pages",
     "fast_dput", "^dput", "^(?:drop|clear|inc|set)_nlink$", "^mark_buffer_dirty$", "^folios_put",
-    "^skb_free_head", "^sk_skb_reason_drop", "^sk_stop_timer", "^write_comp_data", "^__kasan", "^kasan",
+    "^skb_free_head", "^sk_skb_reason_drop", "^sk_stop_timer",
+    "^crypto_", "^aes_", "^aesti_", "^(?:xts|ecb|cbc|ctr|gcm)_(?:en|de)crypt", "^skcipher_",
+    "^write_comp_data", "^__kasan", "^kasan",
 )
 
 # Syscall wrappers differ by arch and version; the title uses the bare name.
@@ -688,8 +690,8 @@ def _build(span: _Span, lines: list[str], stream: _Stream) -> Report:
                 fields = {**{k: v for k, v in m.groupdict().items() if v is not None}, **fields}
                 break
     st = _read_stack(body)
-    if not st.traces:
-        st = _read_stack(["Call Trace:", *body])
+    if not st.traces:         # KMSAN, KFENCE, kmemleak...: the frames follow the header directly
+        st.traces = _read_stack(["Call Trace:", *body]).traces
     func = _choose_frame(rtype, fields.get("fn") and _base(fields["fn"]), st)
     # syzkaller's word for a report whose frames could not be read
     title = rtype.title.format_map(defaultdict(str, fields, func=func or "corrupted"))
@@ -764,9 +766,10 @@ def is_boundary(text: str) -> bool:
 
 
 def find_reports(records: Iterable[Record]) -> list[Found]:
-    """The reports in these records, in log order, with where they were found."""
+    """The reports in these records, in the order of their header lines, with
+    where they were found."""
     found = [f for stream in _streams(records) for f in stream.reports()]
-    return sorted(found, key=lambda f: f.at)
+    return sorted(found, key=lambda f: f.header)
 
 
 def parse_reports(records: Iterable[Record]) -> list[Report]:
