@@ -121,7 +121,7 @@ class ReportFollower:
     def _hand_on(self, final: bool) -> list[Report]:
         found = find_reports(self._records)
         out: list[Report] = []
-        self._settling = False
+        self._settling, self._since_event = False, 0      # look again after another SETTLE_LINES
         last = {f.printer: f.header for f in found}     # each printer's last report may still grow
         for f in found:
             if f.header + self._base in self._seen:
