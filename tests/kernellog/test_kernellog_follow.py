@@ -176,8 +176,10 @@ def test_follow_dev_kmsg_for_real(kmsg, marker):
     ((), "name a FILE"),
     (("--follow", "--quiet", "0", "-"), "--quiet must be more than 0"),
     (("--follow", "/nonexistent/console"), "/nonexistent/console: no such file"),
+    (("--follow", "{tmp}"), "{tmp}: is a directory, not a kernel log"),
 ])
-def test_follow_usage_errors_are_one_line(args, message):
+def test_follow_usage_errors_are_one_line(args, message, tmp_path):
+    args, message = tuple(a.format(tmp=tmp_path) for a in args), message.format(tmp=tmp_path)
     proc = kvmsplit(*args, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=20)
     assert message in err and len(err.strip().splitlines()) == 1 and proc.returncode in (64, 66)

@@ -178,6 +178,9 @@ def _open(path: str) -> _Source:
     except OSError as e:
         raise NoInputError(f"{path}: {e.strerror}") from None
     st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise NoInputError(f"{path}: is a directory, not a kernel log")
     if stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == _KMSG_DEVICE:
         os.lseek(fd, 0, os.SEEK_END)          # only what the kernel logs from now on
         return _Source(fd, kmsg=True, tail=False)
@@ -189,15 +192,20 @@ def follow(path: str, show: Callable[[Report], None], quiet_s: float = QUIET_S) 
     or Ctrl-C/SIGTERM (a KeyboardInterrupt); pending reports are handed on either way."""
     src = _open(path)
     follower = ReportFollower(show)
+    failed = None
+    end = End.EOF
     try:
         _read(src, follower, quiet_s)
-        end = End.EOF
     except KeyboardInterrupt:
         end = End.INTERRUPTED
+    except OSError as e:
+        failed = f"{path}: read failed: {e.strerror or e}"
     finally:
         if src.fd != 0:
             os.close(src.fd)
-    follower.finish()
+    follower.finish()                         # what was read is reported even when reading failed
+    if failed:
+        raise NoInputError(failed)
     return end
 
 
