@@ -41,6 +41,7 @@ from kvmsplit.paths import cache_dir
 from kvmsplit.runs.results import Verdict
 from kvmsplit.scenario.engine import RunOptions, ScenarioRun
 from kvmsplit.scenario.model import DirtyMode, Scenario, parse_size
+from kvmsplit.scenario.witness import Witness
 from kvmsplit.vmm.guest.build import guest_image
 from kvmsplit.vmm.kvm import Kvm
 from kvmsplit.vmm.memory import Backing
@@ -130,9 +131,10 @@ def harness_overhead(size: int, passes: int, repeats: int) -> dict:
     s = Scenario("bench/thp/2m/bitmap", backing=Backing.THP, guest_page="2m", size=size,
                  dirty_mode=DirtyMode.BITMAP, passes=passes)
     runs = []
+    w = Witness.open()      # the tracepoint witness, as `kvmsplit run` has it: without it a run is UNCONFIRMED
     with HostChanges() as host:
         for _ in range(repeats):
-            r = TimedRun(s, facts, guest_image(), host, kvm, RunOptions())
+            r = TimedRun(s, facts, guest_image(), host, kvm, RunOptions(), witness=w)
             t = time.monotonic()
             res = r.run()
             wall = time.monotonic() - t
@@ -146,6 +148,7 @@ def harness_overhead(size: int, passes: int, repeats: int) -> dict:
                 "dirty": [_dirty_pass(x) for k, x in r.timing.items() if k.startswith("dirty-")],
                 "phases": r.timing,
                 "dirty_pass_guest_s": [p["guest_s"] for p in res.dirty["passes"]]})
+    w.close()
     return {"runs": runs, "dirty": [d for r in runs for d in r["dirty"]],
             "dirty_pass_guest_s": [g for r in runs for g in r["dirty_pass_guest_s"]]}
 
