@@ -11,10 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import build_kernel, kvmsplit_vm
 from kvmsplit.runs.results import ERROR, FAIL, PASS
 from kvmsplit.scenario.engine import RunOptions
 from kvmsplit.scenario.model import DirtyMode, Scenario
@@ -312,3 +314,36 @@ def test_qemu_split_check(populate, enable, d1, splits, trace, want, observed):
     from kvmsplit.scenario.qemu import qemu_split_check
     got, check = qemu_split_check(_obs(populate, enable, d1, splits, trace), Expectation("lazy", None, "test"))
     assert (check.status.value, got) == (want, observed), check.summary
+
+
+IN_VM = Path(__file__).parent / "qemu_data" / "in-vm.toml"
+
+
+@pytest.mark.slow
+def test_qemu_on_a_tdp_mmu_host_splits_eagerly_and_keeps_every_page(kernel_612, tmp_path):
+    """QEMU inside `kvmsplit vm` on the 6.12 build (TDP MMU, eager_page_split=Y): QEMU's
+    manual-init-set logging splits eagerly, the tracepoints say KVM split, nothing is lost."""
+    rc, res = kvmsplit_vm(kernel_612, "--scenario", IN_VM, out=tmp_path)
+    by = {s["name"]: s for s in res["scenarios"]}
+    for s in by.values():
+        assert s["verdict"] == "PASS", (s["name"], s["reasons"], s.get("extra", {}).get("qemu_stderr"))
+        assert s["observed_split"] == "eager" and s["expectation"]["split"] == "eager"
+    assert by["qemu/thp/migrate"]["dirty"]["migration"]["lost_pages"] == 0
+    assert rc == 0
+
+
+@pytest.mark.slow
+def test_a_kvm_bug_on_under_qemu_is_vm_bugged_with_qemus_words(tmp_path):
+    """Planted 0001 (KVM_BUG_ON in the TDP MMU's eager split): QEMU's KVM_CLEAR_DIRTY_LOG or
+    KVM_RUN gets EIO. Whether QEMU exits or stops the VM, the scenario is "VM bugged" with
+    QEMU's own line, and the first one names the kernel's WARNING."""
+    image = build_kernel(Path(__file__).resolve().parents[1] / "kselftests" / "planted" /
+                         "0001-kvm-bug-on-in-eager-split.patch")
+    rc, res = kvmsplit_vm(image, "--scenario", IN_VM, out=tmp_path)
+    assert rc == 1
+    first, second = res["scenarios"]
+    for s in (first, second):
+        assert s["verdict"] == "FAIL" and s["reasons"][0].startswith("VM bugged (KVM_BUG_ON?): QEMU "), s["reasons"]
+        assert "failed" in s["reasons"][0] and ("-5" in s["reasons"][0] or "Input/output" in s["reasons"][0])
+        assert s["extra"]["qemu_stderr"]
+    assert "kernel: WARNING in tdp_mmu_split_huge_page" in first["reasons"]

@@ -190,7 +190,9 @@ def test_death_by_signal_is_128_plus_the_signal(tmp_path):
 
 @pytest.mark.kvm
 def test_attach_to_a_running_run_and_detach_at_its_end(tmp_path):
-    cmd = run_cmd(tmp_path, scenario_file(tmp_path), "--inject-hang", "dirty-1", "--phase-timeout", "3")
+    # the hang comes late (recovery), so a tracer that is slow to start on a busy box still
+    # joins before the passes' KVM_RUNs: a KVM_RUN entered before the attach is not counted
+    cmd = run_cmd(tmp_path, scenario_file(tmp_path), "--inject-hang", "recovery", "--phase-timeout", "3")
     bg = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -215,7 +217,7 @@ def test_attach_to_a_running_run_and_detach_at_its_end(tmp_path):
     (vcpu,) = d["summary"]["vcpu_threads"]
     assert vcpu["runs"] >= 1 and vcpu["tid"] != bg.pid
     results = json.loads(next((tmp_path / "out-s-bitmap").rglob("results.json")).read_text())
-    assert "guest hung in phase dirty-1" in json.dumps(results)     # the run went on as it would untraced
+    assert "guest hung in phase recovery" in json.dumps(results)    # the run went on as it would untraced
 
 
 HOLD = "import sys, threading, time; threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); " \

@@ -178,10 +178,10 @@ class QemuScenarioRun:
             self._start_source()
             self._flow()
         except VmDead as e:
-            self.vm_bugged = f"{e} in phase {self.cur_phase}"
+            self.vm_bugged = f"{e} (phase {self.cur_phase})"
         except QemuExited as e:
             if _bugged(e.stderr):
-                self.vm_bugged = f"QEMU stopped on a failed KVM ioctl in phase {self.cur_phase}: {_last(e.stderr)}"
+                self.vm_bugged = f"QEMU exited on a failed KVM ioctl in phase {self.cur_phase}: {_eio_line(e.stderr)}"
             else:
                 self.error = f"QEMU died in phase {self.cur_phase}: {e}; stderr: {_last(e.stderr)}"
         except GuestTimeout as e:
@@ -356,7 +356,10 @@ class QemuScenarioRun:
     def _check_running(self, vm: QemuVm) -> None:
         st = vm.status()
         if st in ("internal-error", "guest-panicked", "shutdown"):
-            raise VmDead(f"QEMU's VM is {st}: {_last(vm.stderr())}")
+            stderr = vm.stderr()
+            if _bugged(stderr):
+                raise VmDead(f"QEMU stopped on a failed KVM ioctl: {_eio_line(stderr)}")
+            raise GuestError(f"QEMU's VM is {st}: {_last(stderr)}")
 
     def _send_write(self, pass_no: int, pattern: str, pct: int) -> None:
         self.cur.send(ucall.cmd_write(pass_no, pattern, pct, self.s.seed, 0, self.s.npages))
@@ -760,9 +763,18 @@ def _migration_summary(st: dict) -> dict:
             "cpu_throttle_percentage": st.get("cpu-throttle-percentage", 0)}
 
 
+EIO_WORDS = ("kvm run failed", "input/output error", "errno=-5", "failed with -5")
+
+
 def _bugged(stderr: str) -> bool:
+    """QEMU's words for a KVM ioctl that returned EIO (KVM_RUN, KVM_CLEAR_DIRTY_LOG, ...)."""
     s = stderr.lower()
-    return "kvm run failed" in s or "input/output error" in s
+    return any(w in s for w in EIO_WORDS)
+
+
+def _eio_line(stderr: str) -> str:
+    lines = [x for x in stderr.splitlines() if any(w in x.lower() for w in EIO_WORDS)]
+    return lines[0].strip() if lines else _last(stderr)
 
 
 def _last(stderr: str) -> str:

@@ -18,6 +18,13 @@ resumed at its entry stop to the tracer's wake-up at its exit stop, so it
 still carries one stop's latency (~10-20 us): compare durations with each
 other, not with the kernel's own stats. KVM_RUN time includes the guest's.
 
+Started by the tracer (`run`), the command gets a seccomp filter before its
+execve that returns SECCOMP_RET_TRACE for ioctl()s of KVM's type (0xAE) and
+lets every other syscall run untraced; its threads and children inherit it.
+Then only those ioctls stop (a seccomp stop at entry, a syscall stop at exit):
+"stop only on the syscalls that matter". A process joined with `attach` can
+not be given a filter, so it stops at every syscall as described above.
+
 The tracer is the only waiter on its tracees: it calls waitpid(-1, __WALL).
 """
 from __future__ import annotations
@@ -34,7 +41,6 @@ from typing import Any
 from ptrace import PtraceError
 from ptrace.binding import func as pt
 from ptrace.debugger import PtraceDebugger, PtraceProcess
-from ptrace.debugger.child import createChild
 
 from kvmsplit.errors import UnavailableError, UsageError
 from kvmsplit.syscalls import decode
@@ -42,13 +48,70 @@ from kvmsplit.vmm.kvm import uapi
 
 SYS_ioctl = 16                 # x86_64
 PTRACE_GET_SYSCALL_INFO = 0x420E
-SYSCALL_INFO_ENTRY, SYSCALL_INFO_EXIT = 1, 2
+SYSCALL_INFO_ENTRY, SYSCALL_INFO_EXIT, SYSCALL_INFO_SECCOMP = 1, 2, 3
 PTRACE_O_EXITKILL = 0x100000
+PTRACE_O_TRACESECCOMP = 0x80
+PTRACE_EVENT_SECCOMP = 7
 WALL = 0x40000000             # __WALL: threads too
 SYSGOOD_TRAP = signal.SIGTRAP | 0x80
 STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _libc = C.CDLL(None, use_errno=True)
 SYS_tgkill = 234
+
+
+class _SockFilter(C.Structure):
+    _fields_ = [("code", C.c_uint16), ("jt", C.c_uint8), ("jf", C.c_uint8), ("k", C.c_uint32)]
+
+
+class _SockFprog(C.Structure):
+    _fields_ = [("len", C.c_uint16), ("filter", C.POINTER(_SockFilter))]
+
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+SECCOMP_RET_TRACE, SECCOMP_RET_ALLOW = 0x7FF00000, 0x7FFF0000
+# struct seccomp_data: nr @0, arch @4, instruction_pointer @8, args[6] @16 (args[1]'s low word @24)
+KVM_IOCTL_FILTER = (
+    (0x20, 0, 0, 4),                    # A = arch
+    (0x15, 0, 7, AUDIT_ARCH_X86_64),    # not x86_64: allow
+    (0x20, 0, 0, 0),                    # A = nr
+    (0x15, 0, 5, SYS_ioctl),            # not ioctl: allow
+    (0x20, 0, 0, 24),                   # A = request (low 32 bits)
+    (0x74, 0, 0, 8),                    # A >>= 8
+    (0x54, 0, 0, 0xFF),                 # A &= 0xff: the ioctl type
+    (0x15, 0, 1, 0xAE),                 # KVMIO?
+    (0x06, 0, 0, SECCOMP_RET_TRACE),
+    (0x06, 0, 0, SECCOMP_RET_ALLOW),
+)
+
+
+def _install_kvm_filter() -> None:
+    """In the child, before execve: trace KVM ioctls only (raises OSError)."""
+    prog = (_SockFilter * len(KVM_IOCTL_FILTER))(*[_SockFilter(*f) for f in KVM_IOCTL_FILTER])
+    fprog = _SockFprog(len(KVM_IOCTL_FILTER), prog)
+    if os.geteuid() != 0 and _libc.prctl(38, 1, 0, 0, 0) != 0:         # PR_SET_NO_NEW_PRIVS
+        raise OSError(C.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if _libc.prctl(22, 2, C.byref(fprog), 0, 0) != 0:                   # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(C.get_errno(), "seccomp filter")
+
+
+def _spawn_filtered(argv: list[str]) -> tuple[int, int]:
+    """fork; the child stops for its tracer, installs the filter and execs argv. Returns the pid
+    and the read end of a pipe on which a failed execve (or filter) leaves its errno."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            pt.ptrace_traceme()
+            os.kill(os.getpid(), signal.SIGSTOP)        # the tracer sets its options now
+            _install_kvm_filter()
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            os.write(w, str(e.errno or errno.ENOSYS).encode())
+        finally:
+            os._exit(127)
+    os.close(w)
+    return pid, r
 
 
 class _SyscallInfo(C.Structure):
@@ -120,6 +183,7 @@ class Tracer:
         self.exit_code: int | None = None
         self.exit_signal: str | None = None
         self.syscalls = 0
+        self.seccomp = False          # run(): a filter makes only KVM ioctls stop
         self.kvm_ioctls = 0
         self._info = _SyscallInfo()
         self._info_addr = C.addressof(self._info)
@@ -129,12 +193,15 @@ class Tracer:
     # -- starting ------------------------------------------------------------
     def run(self, argv: list[str]) -> TraceResult:
         """Start `argv` under ptrace and trace it to its end."""
-        self.debugger.options |= PTRACE_O_EXITKILL
+        self.debugger.options |= PTRACE_O_EXITKILL | PTRACE_O_TRACESECCOMP
+        self.seccomp = True
+        pid, err = _spawn_filtered(argv)
         try:
-            pid = createChild(argv, no_stdout=False)
-        except Exception as e:      # python-ptrace's ChildError: exec failed in the child
-            raise UsageError(f"cannot run {argv[0]}: {e}") from None
-        proc = self.debugger.addProcess(pid, is_attached=True)     # waits for the exec SIGTRAP, sets options
+            proc = self.debugger.addProcess(pid, is_attached=True)     # waits for its SIGSTOP, sets options
+        except Exception:
+            os.close(err)
+            raise
+        self._exec_or_fail(pid, err, argv[0])
         self.root = pid
         self.t0 = self.rec.t0 = time.monotonic_ns()
         self.threads[pid] = _Thread(pid, pid, proc)
@@ -147,6 +214,21 @@ class Tracer:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
         return self._result(attached=False)
+
+    def _exec_or_fail(self, pid: int, err: int, name: str) -> None:
+        """Let the child install its filter and exec; a UsageError if it could not."""
+        try:
+            pt.ptrace_cont(pid, 0)
+            while True:
+                _, status = os.waitpid(pid, WALL)
+                if os.WIFSTOPPED(status) and status >> 16 == pt.PTRACE_EVENT_EXEC:
+                    return                          # the command runs: the loop resumes it
+                if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                    code = os.read(err, 16).decode() or str(errno.ENOEXEC)
+                    raise UsageError(f"cannot run {name}: {os.strerror(int(code))}")
+                pt.ptrace_cont(pid, 0)               # anything else before the exec: go on
+        finally:
+            os.close(err)
 
     def attach(self, pid: int) -> TraceResult:
         """Attach every thread of a running process and trace it until it
@@ -203,8 +285,13 @@ class Tracer:
 
     # -- the loop --------------------------------------------------------------
     def _resume(self, th: _Thread, sig: int) -> None:
+        """On to the next stop: every syscall's (attached), or under the filter the next KVM ioctl,
+        except right after its seccomp stop, where its exit is the next stop wanted."""
         try:
-            pt.ptrace_syscall(th.tid, sig)
+            if self.seccomp and th.pending is None:
+                pt.ptrace_cont(th.tid, sig)
+            else:
+                pt.ptrace_syscall(th.tid, sig)
             th.stopped = False
         except PtraceError as e:
             if e.errno != errno.ESRCH:      # killed meanwhile (another thread's exit_group): its exit comes next
@@ -246,6 +333,11 @@ class Tracer:
                 self._syscall_stop(th, now)
                 if th.pending is not None and th.pending.t_exit is None:
                     th.pending.t_entry = time.monotonic_ns()    # after decoding: the clock runs in the kernel
+                self._resume(th, 0)
+            elif event == PTRACE_EVENT_SECCOMP:
+                self._syscall_stop(th, now)         # a KVM ioctl's entry (the filter chose it)
+                if th.pending is not None:
+                    th.pending.t_entry = time.monotonic_ns()
                 self._resume(th, 0)
             elif event:
                 self._ptrace_event(th, event)
@@ -313,7 +405,7 @@ class Tracer:
             pt.ptrace(PTRACE_GET_SYSCALL_INFO, th.tid, C.sizeof(info), self._info_addr)
         except PtraceError:
             return
-        if info.op == SYSCALL_INFO_ENTRY:
+        if info.op in (SYSCALL_INFO_ENTRY, SYSCALL_INFO_SECCOMP):     # same layout: nr, args[6]
             self.syscalls += 1
             th.pending = None
             if info.u[0] == SYS_ioctl and decode.is_kvm_request(info.u[2]):
