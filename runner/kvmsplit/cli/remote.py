@@ -14,14 +14,14 @@ from pathlib import Path
 from kvmsplit.cli.options import add_db
 from kvmsplit.errors import EXIT_OK, UsageError
 from kvmsplit.remote.boot import boot
-from kvmsplit.remote.inventory import Box, Inventory
+from kvmsplit.remote.inventory import Inventory
 from kvmsplit.remote.run import BoxRun, RemoteRun, run_on_boxes
 from kvmsplit.remote.ssh import HostKeyTrust, Liveness
 from kvmsplit.report.outputs import FileSink
-from kvmsplit.runs.digest import headline
+from kvmsplit.runs.digest import FAILED, headline
 from kvmsplit.runs.history import History, HistorySink
 from kvmsplit.runs.loop import replay
-from kvmsplit.runs.results import PASS
+from kvmsplit.runs.results import MISS
 
 
 def add_inventory(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ def summary(runs: list[BoxRun]) -> str:
         if r.problem:
             lines.append(f"{'':<16} {r.problem}")
         for s in r.rr.scenarios:
-            if s.verdict != PASS and s.verdict.tested is not None and s.verdict not in ("SKIP",):
+            if s.verdict in (*FAILED, MISS):
                 lines.append(f"{'':<16} {s.verdict:<5} {s.name}: {headline(s)}")
     return "\n".join(lines)
 
@@ -113,10 +113,6 @@ def cmd_remote_list(args) -> int:
     for b in inv.boxes.values():
         print(f"{b.name:<16} {b.user}@{b.host}:{b.port:<6} switch={b.switch:<12} labels={','.join(b.labels)}")
     return EXIT_OK
-
-
-def boxes_of(args, names: list[str]) -> list[Box]:
-    return Inventory.load(args.inventory).select(names)
 
 
 def add_parsers(sub) -> None:

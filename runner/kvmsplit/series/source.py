@@ -77,8 +77,8 @@ def from_mbox(path: Path, workdir: Path, source: str | None = None) -> Series:
     """One file per patch mail (in order) in workdir; the cover letter's facts."""
     if not path.is_file():
         raise NoInputError(f"{path}: no such mbox")
-    with open(path, "rb") as f:
-        if f.read(5) != b"From ":
+    with open(path, "rb") as head_of:
+        if head_of.read(5) != b"From ":
             raise BadInputError(f"{path}: not an mbox (it must start with a 'From ' line)")
     box = mailbox.mbox(str(path), create=False)
     try:
