@@ -54,10 +54,10 @@ def inventory(lab, tmp_path, boxes, labels=None, **overrides):
     return lab.inventory(tmp_path / "boxes.toml", boxes, **per)
 
 
-def kvmsplit(*args, timeout=300):
+def kvmsplit(*args, timeout=300, cwd=None):
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "kvmsplit", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, cwd=cwd)
     return r, time.monotonic() - t0
 
 
@@ -290,3 +290,25 @@ def test_a_rerun_of_a_remote_run_goes_back_to_its_box_or_says_it_cannot(lab, box
     assert lost.returncode == 64, lost.stderr
     assert "ran on box b2" in lost.stderr and "cannot be reached from here" in lost.stderr
     assert "--here" in lost.stderr and "Traceback" not in lost.stderr
+
+
+@pytest.mark.parametrize("inventory_text, args, code, words", [
+    (None, ["b", "--", "kvmsplit", "run"], 66, "no such inventory"),
+    ("[box.a]\nhost = 'x'\nprot = 22\n", ["a", "--", "kvmsplit", "run"], 65,
+     "unknown key 'prot' (did you mean 'port'?)"),
+    ("[box.a]\nport = 22\n", ["a", "--", "kvmsplit", "run"], 65, "box 'a' has no host"),
+    ("[box.a]\nhost = 'x'\nswitch = 'pxe'\n", ["a", "--", "kvmsplit", "run"], 65, "switch must be one of"),
+    ("[box.a]\nhost = 'x'\n", ["b", "--", "kvmsplit", "run"], 64, "no box or label 'b'"),
+    ("[box.a]\nhost = 'x'\n", ["a", "--", "ls"], 64, "runs kvmsplit commands"),
+    ("[box.a]\nhost = 'x'\n", ["a"], 64, "usage: kvmsplit remote run"),
+    ("[box.a]\nhost = 'x'\n", ["a", "--timeout", "3", "--", "kvmsplit", "run"], 64, "put options before"),
+])
+def test_bad_input_is_one_line_and_its_exit_code(tmp_path, inventory_text, args, code, words):
+    inv = tmp_path / "boxes.toml"
+    if inventory_text is not None:
+        inv.write_text(inventory_text)
+    r, _ = kvmsplit("remote", "run", "--inventory", inv, *args, cwd=tmp_path)
+    assert r.returncode == code, r.stderr
+    assert not (tmp_path / "out").exists(), "bad input must not leave an output directory"
+    assert words in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -15,7 +15,7 @@ from kvmsplit.cli.options import add_db
 from kvmsplit.errors import EXIT_OK, UsageError
 from kvmsplit.remote.boot import boot
 from kvmsplit.remote.inventory import Inventory
-from kvmsplit.remote.run import BoxRun, RemoteRun, run_on_boxes
+from kvmsplit.remote.run import BoxRun, RemoteRun, command_on_box, run_on_boxes
 from kvmsplit.remote.ssh import HostKeyTrust, Liveness
 from kvmsplit.report.outputs import FileSink
 from kvmsplit.runs.digest import FAILED, headline
@@ -88,6 +88,7 @@ def summary(runs: list[BoxRun]) -> str:
 
 def cmd_remote_run(args) -> int:
     targets, command = split_targets(args.words)
+    command_on_box(command, ["kvmsplit"], "-")     # a command the boxes cannot run is refused here
     boxes = Inventory.load(args.inventory).select(targets)
     out = Path(args.output or Path("out") / time.strftime("%Y%m%d-%H%M%S"))
     say(f"running on {', '.join(b.describe() for b in boxes)}; results in {out}/BOX/")
