@@ -28,7 +28,7 @@ from kvmsplit.scenario.backend import ScenarioBackend
 from kvmsplit.scenario.engine import RunOptions
 from kvmsplit.scenario.expectation import expect
 from kvmsplit.scenario.model import Scenario, check_fits_host, default_suite, load_file, select
-from kvmsplit.scenario.qemu import as_qemu, qemu_suite
+from kvmsplit.scenario.qemu import as_qemu, qemu_runnable, qemu_suite
 from kvmsplit.vmm.guest import ucall
 
 
@@ -50,8 +50,7 @@ def _default(facts: HostFacts, args) -> list[Scenario]:
     if getattr(args, "backend", None) != "qemu":
         return suite
     # -k picks from the whole default suite; without it, the QEMU set
-    return [as_qemu(s) for s in suite if s.vcpus == 1 and s.memslots == 1 and not s.is_nested] \
-        if args.k else qemu_suite(suite)
+    return [as_qemu(s) for s in suite if qemu_runnable(s)] if args.k else qemu_suite(suite)
 
 
 def cmd_list(args) -> int:

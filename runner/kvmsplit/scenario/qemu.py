@@ -32,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+from kvmsplit.errors import BadInputError
 from kvmsplit.host.changes import HostChanges
 from kvmsplit.host.facts import HostFacts
 from kvmsplit.kernellog import KernelLogGuard
 from kvmsplit.runs.results import Check, CheckStatus, Phase, ScenarioResult, Verdict
 from kvmsplit.scenario.engine import VCPU_STATS, VM_STATS, RunOptions
 from kvmsplit.scenario.expectation import Expectation, expect
-from kvmsplit.scenario.model import DirtyMode, Scenario
+from kvmsplit.scenario.model import DirtyMode, Scenario, validate
 from kvmsplit.scenario.observations import Observations
 from kvmsplit.scenario.verdict import HUGE_SIZES, decide, judge
 from kvmsplit.scenario.witness import Witness
@@ -637,8 +638,23 @@ class QemuScenarioRun:
 
 
 def as_qemu(s: Scenario, flow: str | None = None) -> Scenario:
-    """The same scenario under QEMU (same name: `kvmsplit compare` puts the two side by side)."""
-    return dataclasses.replace(s, backend="qemu", qemu_flow=flow or s.qemu_flow)
+    """The same scenario under QEMU (same name: `kvmsplit compare` puts the two side by side);
+    BadInputError, one line, for what QEMU cannot run (several vCPUs or memslots, emulated writes)."""
+    q = dataclasses.replace(s, backend="qemu", qemu_flow=flow or s.qemu_flow)
+    try:
+        validate(q)
+    except ValueError as e:
+        raise BadInputError(f"--backend qemu: scenario {s.name!r}: {e}") from None
+    return q
+
+
+def qemu_runnable(s: Scenario) -> bool:
+    """What `--backend qemu -k ...` takes from the default suite."""
+    try:
+        as_qemu(s)
+    except BadInputError:
+        return False
+    return True
 
 
 def qemu_suite(base: list[Scenario]) -> list[Scenario]:
@@ -813,5 +829,5 @@ def _last(stderr: str) -> str:
     return lines[-1] if lines else "(no stderr)"
 
 
-__all__ = ["QemuScenarioRun", "qemu_suite", "as_qemu", "QemuHooks", "effective_mode", "qemu_split_check",
+__all__ = ["QemuScenarioRun", "qemu_suite", "as_qemu", "qemu_runnable", "QemuHooks", "effective_mode", "qemu_split_check",
            "migration_check", "dirty_rate_check", "VmDead"]
