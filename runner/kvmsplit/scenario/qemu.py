@@ -829,5 +829,5 @@ def _last(stderr: str) -> str:
     return lines[-1] if lines else "(no stderr)"
 
 
-__all__ = ["QemuScenarioRun", "qemu_suite", "as_qemu", "qemu_runnable", "QemuHooks", "effective_mode", "qemu_split_check",
-           "migration_check", "dirty_rate_check", "VmDead"]
+__all__ = ["QemuScenarioRun", "qemu_suite", "as_qemu", "qemu_runnable", "QemuHooks", "effective_mode",
+           "qemu_split_check", "migration_check", "dirty_rate_check", "VmDead"]
