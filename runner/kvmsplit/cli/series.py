@@ -42,6 +42,8 @@ def split_words(words: list[str]) -> tuple[str, list[str]]:
 
 def cmd_series(args) -> int:
     src, run_args = split_words(args.words)
+    if args.repeat < 1:
+        raise UsageError(f"--repeat {args.repeat}: at least 1")
     out = Path(args.output or Path("results") / time.strftime("series-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     tree = Path(args.tree) if args.tree else None
@@ -56,7 +58,8 @@ def cmd_series(args) -> int:
         target.box, target.how = boxes[0], remote_run_options(args, args.timeout)
     say(f"{series.name}: {len(series.patches)} patch(es), {len(appends)} combination(s), on {target.describe()}; "
         f"results in {out}/")
-    outcome = SeriesRun(series, tree, out, run_args, target, args.db, say).execute(appends, args.bisect)
+    outcome = SeriesRun(series, tree, out, run_args, target, args.db, say).execute(appends, args.bisect,
+                                                                                  args.repeat)
     text = summary(outcome)
     print(text)
     files = write(outcome, out, text)
@@ -72,6 +75,9 @@ def add_parsers(sub) -> None:
     sp.add_argument("--bisect", action="store_true", help="find the first patch that introduces a new failure")
     sp.add_argument("--matrix", metavar="SPEC",
                     help='module parameters, each combination one boot: "kvm.eager_page_split=0,1 kvm.tdp_mmu=0,1"')
+    sp.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run each kernel N times, so phase times are judged against the spread of repeats "
+                         "(3 or more; default 1: phase times are reported, not judged)")
     sp.add_argument("--remote", metavar="BOX|LABEL", help="run on this box (booted into each kernel) instead of "
                                                          "kvmsplit vm here")
     add_connection(sp)

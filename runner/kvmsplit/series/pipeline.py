@@ -189,13 +189,19 @@ class SeriesRun:
         return ran.rr
 
     # -- the whole thing ---------------------------------------------------------------------
-    def execute(self, appends: list[str | None], bisect: bool) -> Outcome:
+    def execute(self, appends: list[str | None], bisect: bool, repeat: int = 1) -> Outcome:
+        """Per combination: the base kernel `repeat` times, then the patched
+        one as often (so compare judges phase times against the spread of
+        repeats, not one sample against another), compared; then bisected."""
         o = Outcome(self.series)
         self.outcome_steps = o.steps
         n = len(self.series.patches)
         for append in appends:
-            base = self.run(0, append, self.run_args)
-            top = self.run(n, append, self.run_args)
+            for k in (0, n):
+                for i in range(repeat):
+                    top = self.run(k, append, self.run_args, tag=f"-{i + 1}" if i else "")
+                    if k == 0:
+                        base = top
             c = compare(base.rr, top.rr, self.history)
             o.comparisons.append((append, c))
             if bisect and c.new_failures:
