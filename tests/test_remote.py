@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -134,7 +135,7 @@ def test_a_box_that_drops_off_the_network_is_a_miss_within_the_liveness_deadline
     p = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         for line in p.stderr:
-            if line.startswith("[b1] $ "):              # the command is starting on the box
+            if line.startswith("[b1] kvmsplit "):       # the command is running on the box
                 break
         b1.unplug()
         t_cut = time.monotonic()
@@ -312,3 +313,38 @@ def test_bad_input_is_one_line_and_its_exit_code(tmp_path, inventory_text, args,
     assert not (tmp_path / "out").exists(), "bad input must not leave an output directory"
     assert words in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_stops_the_command_on_every_box_and_keeps_what_it_finished(lab, boxes, tmp_path):
+    inv = inventory(lab, tmp_path, [boxes["lo"], boxes["b1"]])
+    args = [sys.executable, "-m", "kvmsplit", "remote", "run", "--inventory", inv, "--output", tmp_path / "out",
+            "--db", tmp_path / "h.db", "lo", "b1", "--", "kvmsplit", "run", *FIVE, "--ktap"]
+    p = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        started = set()
+        for line in p.stderr:
+            for b in ("lo", "b1"):
+                if line.startswith(f"[{b}] ok 1 "):
+                    started.add(b)
+            if started == {"lo", "b1"}:
+                break
+        p.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        rest = p.stderr.read()
+        rc = p.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        p.kill()
+        p.wait()
+    assert rc == 130, rest
+    assert took < 10 + 5 + 10, took          # the kill grace, and the fetch
+    assert "stopping the command on every box" in rest
+    for name in ("lo", "b1"):
+        res = results(tmp_path, name)
+        verdicts = [s["verdict"] for s in res["scenarios"]]
+        assert verdicts[0] == "PASS" and res["interrupted"], (name, verdicts)
+        assert len(verdicts) == 5 and verdicts != ["PASS"] * 5, (name, verdicts)
+        left = [pid for pid in boxes[name].pids()
+                if "kvmsplit" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        assert not left, f"kvmsplit still running on {name}"
+    assert len(History(tmp_path / "h.db").runs()) == 2

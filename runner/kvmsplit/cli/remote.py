@@ -15,7 +15,7 @@ from kvmsplit.cli.options import add_db
 from kvmsplit.errors import EXIT_OK, UsageError
 from kvmsplit.remote.boot import boot
 from kvmsplit.remote.inventory import Inventory
-from kvmsplit.remote.run import BoxRun, RemoteRun, command_on_box, run_on_boxes
+from kvmsplit.remote.run import BoxRun, Interrupted, RemoteRun, command_on_box, run_on_boxes
 from kvmsplit.remote.ssh import HostKeyTrust, Liveness
 from kvmsplit.report.outputs import FileSink
 from kvmsplit.runs.digest import FAILED, headline
@@ -92,8 +92,13 @@ def cmd_remote_run(args) -> int:
     boxes = Inventory.load(args.inventory).select(targets)
     out = Path(args.output or Path("out") / time.strftime("%Y%m%d-%H%M%S"))
     say(f"running on {', '.join(b.describe() for b in boxes)}; results in {out}/BOX/")
-    runs = run_on_boxes(boxes, command, out, remote_run_options(args, args.timeout),
-                        echo=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        runs = run_on_boxes(boxes, command, out, remote_run_options(args, args.timeout),
+                            echo=lambda line: print(line, file=sys.stderr, flush=True))
+    except Interrupted as e:
+        record(e.runs, args.db)         # what the boxes finished is kept, here and in the history
+        print(summary(e.runs))
+        raise
     record(runs, args.db)
     print(summary(runs))
     return max(r.exit_code for r in runs)

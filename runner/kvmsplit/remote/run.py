@@ -32,6 +32,14 @@ from kvmsplit.runs.schema import load_results
 TIMED_OUT = (124, 137)      # `timeout`'s TERM, and its KILL after the grace
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a remote run, after every box settled: its runs."""
+
+    def __init__(self, runs: list[BoxRun]):
+        super().__init__()
+        self.runs = runs
+
+
 @dataclass
 class RemoteRun:
     """How to run on boxes: trust, liveness and the command's time limit."""
@@ -79,17 +87,25 @@ def run_on_boxes(boxes: list[Box], argv: list[str], out: Path, how: RemoteRun,
     """Every box at once; a list in the boxes' order. uploads: files put into
     each box's run directory first, by name (a rerun's results.json)."""
     lock = threading.Lock()
+    stop = threading.Event()
 
     def say(line: str) -> None:
         with lock:
             echo(line)
     with ThreadPoolExecutor(max_workers=max(1, len(boxes)), thread_name_prefix="remote") as pool:
-        futures = [pool.submit(run_on_box, b, argv, out / b.name, how, say, uploads or {}) for b in boxes]
-        return [f.result() for f in futures]
+        futures = [pool.submit(run_on_box, b, argv, out / b.name, how, say, uploads or {}, stop) for b in boxes]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            # each box's command gets a SIGTERM there and the grace to finish;
+            # what it wrote comes back; a second Ctrl-C leaves at once
+            echo("kvmsplit: interrupted: stopping the command on every box and fetching what it wrote")
+            stop.set()
+            raise Interrupted([f.result() for f in futures]) from None
 
 
 def run_on_box(box: Box, argv: list[str], out: Path, how: RemoteRun, say: Callable[[str], None],
-               uploads: dict[str, Path]) -> BoxRun:
+               uploads: dict[str, Path], stop: threading.Event | None = None) -> BoxRun:
     out.mkdir(parents=True, exist_ok=True)
     token = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     remote_dir = f"runs/{token}"
@@ -114,7 +130,7 @@ def run_on_box(box: Box, argv: list[str], out: Path, how: RemoteRun, say: Callab
         def line(text: str) -> None:
             console.append(text)
             say(f"[{box.name}] {text}")
-        ran.exit = session.run(cmd, timeout=how.timeout, cwd=box.workdir, env=env, on_output=line)
+        ran.exit = session.run(cmd, timeout=how.timeout, cwd=box.workdir, env=env, on_output=line, stop=stop)
         fetched = _fetch(session, box, remote_dir, out, how)
     finally:
         session.close()

@@ -39,6 +39,8 @@ from kvmsplit.remote.inventory import Box
 Say = Callable[[str], None]
 CONNECT_TIMEOUT = 15.0
 KILL_GRACE = 10          # seconds `timeout -k` gives a command after TERM
+PID_MARK = "@@kvmsplit-remote-pid "
+PID_ECHO = f'echo "{PID_MARK}$$"; exec "$@"'     # the pid `timeout` will have, then the command
 CHUNK = 1 << 16
 
 
@@ -179,21 +181,42 @@ class Session:
 
     # -- commands ------------------------------------------------------------------------
     def run(self, argv: list[str], *, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-            on_output: Callable[[str], None] | None = None) -> Exit:
+            on_output: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> Exit:
         """argv on the box under `timeout -k`, its output (stdout and stderr
         together) passed on line by line as it comes; never waits past
-        timeout + the kill grace + the liveness deadline."""
-        words = ["timeout", "-k", str(KILL_GRACE), f"{timeout:g}"]
+        timeout + the kill grace + the liveness deadline. When `stop` is
+        set (Ctrl-C here), the command gets a SIGTERM on the box (`timeout`
+        passes it on) and the grace to finish, so its results are kept."""
+        words = ["sh", "-c", PID_ECHO, "sh", "timeout", "-k", str(KILL_GRACE), f"{timeout:g}"]
         if env:
             words += ["env", *[f"{k}={v}" for k, v in env.items()]]
         command = shlex.join(words + argv)
         if cwd:
             command = f"cd {shlex.quote(cwd)} && {command}"
         return self.shell(command, deadline=time.monotonic() + timeout + KILL_GRACE + self.live.dead_after,
-                          on_output=on_output)
+                          on_output=on_output, stop=stop)
 
-    def shell(self, command: str, *, deadline: float, on_output: Callable[[str], None] | None = None) -> Exit:
+    def _terminate(self, pid: str) -> None:
+        """SIGTERM to a command of ours on the box, by the pid it told us."""
+        try:
+            chan = self.transport.open_session(timeout=self.live.dead_after)
+            chan.exec_command(shlex.join(["kill", "-TERM", pid]))
+            chan.status_event.wait(self.live.dead_after)
+            chan.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    def shell(self, command: str, *, deadline: float, on_output: Callable[[str], None] | None = None,
+              stop: threading.Event | None = None) -> Exit:
         """A command line made only of quoted words (see run), read with our own deadlines."""
+        pid: list[str] = []
+        stopping = False
+
+        def output(line: str) -> None:
+            if line.startswith(PID_MARK) and not pid:
+                pid.append(line[len(PID_MARK):].strip())
+            elif on_output:
+                on_output(line)
         try:
             chan = self.transport.open_session(timeout=self.live.dead_after)
             chan.set_combine_stderr(True)
@@ -208,6 +231,11 @@ class Session:
                 now = time.monotonic()
                 if now > deadline:
                     return Exit(None, timed_out=True)
+                if stop is not None and stop.is_set() and not stopping:
+                    stopping = True
+                    if pid:
+                        self._terminate(pid[0])
+                    deadline = min(deadline, now + KILL_GRACE + 5)
                 try:
                     data = chan.recv(CHUNK)
                 except TimeoutError:
@@ -222,8 +250,10 @@ class Session:
                 heard = time.monotonic()
                 if not data:
                     break
-                pending = _emit(pending + data, on_output)
-            _emit(pending + b"\n", on_output) if pending else None
+                pending = _emit(pending + data, output)
+            _emit(pending + b"\n", output) if pending else None
+            if not self.transport.is_active():
+                return Exit(None, lost="connection lost")
             # EOF: the exit status follows at once unless the connection died
             if chan.status_event.wait(timeout=min(self.live.dead_after, max(0.0, deadline - time.monotonic()))):
                 status = chan.recv_exit_status()
