@@ -155,18 +155,30 @@ def run_timed(argv: list[str], timeout: float, env: dict | None = None) -> Timed
 
 
 def _reap(p: subprocess.Popen, deadline: float) -> tuple[int, int]:
-    """Wait for p (killing its session at the deadline); its exit code and peak RSS in KiB."""
+    """Wait for p (killing its session at the deadline); its exit code and peak RSS in KiB.
+    The peak is the child's own VmHWM, polled while it lives: wait4's ru_maxrss would
+    carry this (large) process's peak into the child across fork."""
+    hwm = 0
     while True:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        hwm = max(hwm, _vm_hwm_kb(p.pid))
+        pid, status, _ = os.wait4(p.pid, os.WNOHANG)
         if pid:
             p.returncode = os.waitstatus_to_exitcode(status)
-            return p.returncode, ru.ru_maxrss
+            return p.returncode, hwm
         if time.monotonic() > deadline:
             os.killpg(p.pid, 9)
-            _, status, ru = os.wait4(p.pid, 0)
+            os.wait4(p.pid, 0)
             p.returncode = -9
-            return -9, ru.ru_maxrss
+            return -9, hwm
         time.sleep(0.005)
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("VmHWM:")), 0)
 
 
 def kvmsplit_env(data_dir: str | None = None) -> dict:

@@ -138,6 +138,7 @@ def compare(exe: Path, cfg: PeerConfig, runs: list[dict]) -> dict:
             "failures": [{"c": r["c"].get("tail"), "kvmsplit": r["kvmsplit"].get("tail")}
                          for r in runs if r not in good],
             "kvmsplit_observed": [r["kvmsplit"]["raw"].get("observed_split") for r in good],
+            "maxrss_source": "VmHWM",
             "maxrss_kb": {"kvmsplit": spread([r["kvmsplit"].get("maxrss_kb") for r in good]),
                           "c": spread([r["c"]["maxrss_kb"] for r in good])},
             "runs": runs}

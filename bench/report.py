@@ -76,11 +76,19 @@ def _peer_table(r: dict) -> list[str]:
     head = (f"**{r['name']}**: {cfg['per_vcpu_mib']} MiB/vCPU, {cfg['vcpus']} vCPU, {cfg['iterations']} "
             f"iterations, {cfg['backing']}, kvmsplit `{cfg['dirty_mode']}` vs C "
             f"`{cfg['c_test_flags'] or '(default)'}`; "
-            f"{r['good_repeats']} of {r['repeats']} repeats good; peak RSS kvmsplit "
-            f"{r['maxrss_kb']['kvmsplit'].get('median', 0) / 1024:.0f} MiB, C "
-            f"{r['maxrss_kb']['c'].get('median', 0) / 1024:.0f} MiB; kvmsplit saw split "
+            f"{r['good_repeats']} of {r['repeats']} repeats good; {_peak_rss(r)}; kvmsplit saw split "
             f"{sorted(set(map(str, r['kvmsplit_observed'])))}")
     return [head, "", *rows, ""]
+
+
+def _peak_rss(r: dict) -> str:
+    if r.get("maxrss_source") != "VmHWM":
+        return ("peak RSS not shown: this run took it from wait4's ru_maxrss, which carries the bench's own "
+                "peak into the child across fork")
+    k, c = r["maxrss_kb"]["kvmsplit"], r["maxrss_kb"]["c"]
+    if not k.get("n") or not c.get("n"):
+        return "peak RSS n/a"
+    return f"peak RSS (VmHWM) kvmsplit {k['median'] / 1024:.0f} MiB, C {c['median'] / 1024:.0f} MiB"
 
 
 def _peer_host(r: dict) -> list[str]:
@@ -127,7 +135,8 @@ def _dominant(d: dict, top: int = 6) -> list[str]:
 
 def _suite(r: dict) -> list[str]:
     out = [f"- `kvmsplit run` wall: **{fmt_spread(r['wall_s'], 's', 1)}**; wall / goal (60 s): "
-           f"{fmt_spread(r['ratio_wall_over_goal'])}; verdicts {[x['verdicts'] for x in r['runs']]}", ""]
+           f"{fmt_spread(r['ratio_wall_over_goal'])}; verdicts {[x['verdicts'] for x in r['runs']]}"
+           + (f"; failed: {sorted({n for x in r['runs'] for n in x.get('failed', [])})}" if r["runs"] else ""), ""]
     if r["runs"]:
         out += [f"What dominates ({r['runs'][0]['dominant']['scenarios']} scenarios):", ""]
         out += _dominant(r["runs"][0]["dominant"])
@@ -175,7 +184,8 @@ def _vm(r: dict) -> list[str]:
         out += ["### `kvmsplit vm ... -- kvmsplit run` round trip (the default suite inside, eager boot)", "",
                 f"- round trip {rt['round_trip_s']:.0f} s = boot {rt['boot_s']:.0f} s "
                 f"(**{rt['boot_share']:.0%}**) + suite {rt['suite_s']:.0f} s (**{rt['suite_share']:.0%}**) + "
-                f"shutdown {rt['shutdown_s']:.0f} s; suite exit {rt['suite_rc']}, verdicts {rt['verdicts']}", ""]
+                f"shutdown {rt['shutdown_s']:.0f} s; suite exit {rt['suite_rc']}, verdicts {rt['verdicts']}, "
+                f"failed {rt.get('failed')}", ""]
         out += _dominant(rt["dominant"])
     return out
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ from typing import Any
 import report
 from lib import (
     HERE,
+    Goal,
     Goals,
     LoadSampler,
     find_perf_test,
@@ -209,7 +211,7 @@ class Bench:
                 except (OSError, ValueError):
                     doc = {"scenarios": []}
                 runs.append({"rc": t.rc, "wall_s": t.wall_s, "dominant": dominant(doc, t.wall_s),
-                             "verdicts": verdict_counts(doc)})
+                             "verdicts": verdict_counts(doc), "failed": failed_names(doc)})
         w = spread([r["wall_s"] for r in runs])
         out = {"runs": runs, "wall_s": w, "ratio_wall_over_goal": spread([r["wall_s"] / GOAL_SUITE_S for r in runs])}
         why = ""
@@ -441,6 +443,10 @@ def outside_scenarios(doc: dict, wall: float) -> dict:
             + max(sc[0]["started"] - doc["started"], 0.0) + max(doc["finished"] - last, 0.0)}
 
 
+def failed_names(doc: dict) -> list[str]:
+    return [s["name"] for s in doc.get("scenarios", []) if s["verdict"] in ("FAIL", "ERROR", "MISS")]
+
+
 def verdict_counts(doc: dict) -> dict:
     c: dict = defaultdict(int)
     for s in doc.get("scenarios", []):
@@ -489,13 +495,13 @@ def round_trip(b: dict) -> dict:
     command), the suite (the `kvmsplit run` process inside), the shutdown (the rest of
     the VM's wall time after the bench's own work inside)."""
     ins = b["inside"]
+    doc = ins["suite"].get("doc", {})
     boot, suite = b["boot_s"] or 0.0, ins["suite"]["wall_s"]
     shutdown = max(b["vm_wall_s"] - boot - ins["inside_s"], 0.0)
     total = boot + suite + shutdown
     return {"boot_s": boot, "suite_s": suite, "shutdown_s": shutdown, "round_trip_s": total,
             "boot_share": boot / total, "suite_share": suite / total, "suite_rc": ins["suite"]["rc"],
-            "verdicts": verdict_counts(ins["suite"].get("doc", {})),
-            "dominant": dominant(ins["suite"].get("doc", {}), suite)}
+            "verdicts": verdict_counts(doc), "failed": failed_names(doc), "dominant": dominant(doc, suite)}
 
 
 SECTIONS = ("startup", "harness", "peer", "ring", "suite", "vm", "trace", "scale")
@@ -508,12 +514,31 @@ def main() -> int:
     ap.add_argument("--skip", default="")
     ap.add_argument("--repeats", type=int, default=0, help="override every section's repeat count")
     ap.add_argument("--qemu-trace-repeats", type=int, default=1, help="repeats of the traced QEMU migration")
+    ap.add_argument("--render", action="store_true", help="only rewrite --md from an existing --json")
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--md", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args()
     only = [s for s in a.only.split(",") if s] or list(SECTIONS)
     todo = [s for s in SECTIONS if s in only and s not in a.skip.split(",")]
+    if a.render:
+        doc = json.loads(Path(a.json).read_text())
+        Path(a.md).write_text(report.markdown(doc, Goals([Goal(**g) for g in doc["goals"]])))
+        return 0
     b = Bench(a)
+    try:
+        run_sections(b, todo)
+    finally:
+        shutil.rmtree(b.env["KVMSPLIT_DATA_DIR"], ignore_errors=True)     # the bench's own history
+    for g in b.goals.items:
+        print(g.line())
+    missed = b.goals.missed
+    print(f"bench: {len(b.goals.items) - len(missed)} goals met, {len(missed)} missed; "
+          f"{b.doc['total_s']:.0f}s; {a.json}, {a.md}")
+    return 1 if missed else 0
+
+
+def run_sections(b: Bench, todo: list[str]) -> None:
+    a = b.a
     t0 = time.monotonic()
     for name in todo:
         print(f"bench: {name} (load {os.getloadavg()[0]:.2f}) ...", flush=True)
@@ -535,12 +560,6 @@ def main() -> int:
     b.doc["facts_end"] = {"loadavg": os.getloadavg(), "mem_available": meminfo("MemAvailable")}
     b.save()
     Path(a.md).write_text(report.markdown(b.doc, b.goals))
-    for g in b.goals.items:
-        print(g.line())
-    missed = b.goals.missed
-    print(f"bench: {len(b.goals.items) - len(missed)} goals met, {len(missed)} missed; "
-          f"{b.doc['total_s']:.0f}s; {a.json}, {a.md}")
-    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ is kvmsplit vm's own.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -54,10 +55,11 @@ def boot_and_measure(kernel: Path, perf_test: Path, append: str | None, inner_ar
         virtme._inner_command = real
     inside_path = out / "inside.json"
     inside = json.loads(inside_path.read_text()) if inside_path.exists() else None
+    shutil.rmtree(out, ignore_errors=True)
     return {"append": append, "kernel": str(kernel), "state": str(o.state), "rc": o.rc, "release": o.release,
             "attempts": o.attempts, "boot_s": o.boot_s, "wall_s": wall, "vm_wall_s": o.wall_s,
             "detail": o.detail, "console_tail": o.console[-15:] if o.state is not virtme.VmState.DONE else [],
-            "inside": inside, "outdir": str(out)}
+            "inside": inside}
 
 
 def cache_root() -> Path:
