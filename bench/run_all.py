@@ -219,8 +219,10 @@ class Bench:
             dom = runs[0]["dominant"]
             why = "dominated by " + "; ".join(f"{k} {v['s']:.1f}s ({v['share']:.0%})" for k, v in
                                                list(dom["by_group"].items())[:4])
-        self.goals.check("default suite wall on this host (kvmsplit run)", w.get("median"), None, GOAL_SUITE_S,
-                         fmt_spread(w, "s", 1), why=why)
+        # --quick runs a subset: its wall says nothing about the goal, so it never meets it
+        self.goals.check("default suite wall on this host (kvmsplit run)", None if self.a.quick else w.get("median"),
+                         None, GOAL_SUITE_S, fmt_spread(w, "s", 1),
+                         why="--quick runs -k thp/2m only, not the default suite" if self.a.quick else why)
         self.goals.check("default suite exit code 0", float(all(r["rc"] == 0 for r in runs)) if runs else None,
                          1.0, None, str([r["rc"] for r in runs]), why=str([r["verdicts"] for r in runs]))
         return out
