@@ -18,15 +18,18 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pexpect
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from kvmsplit.errors import UnavailableError
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.machine import GuestError, GuestTimeout
 from kvmsplit.vmm.memory import GB, MB, Backing
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 QEMU = "qemu-system-x86_64"
 TEST_GPA = 1 << 32              # the same GPA as kvmsplit's own VMM: a 1G-aligned DIMM above 4G
@@ -126,6 +129,8 @@ class QemuVm:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.qmp_path.unlink()
+        # late: qemu.qmp brings asyncio (~40 ms), which every other kvmsplit command would pay at start-up
+        from qemu.qmp.legacy import QEMUMonitorProtocol
         self.qmp = QEMUMonitorProtocol(str(self.qmp_path), server=True)
         cmd = " ".join(shlex.quote(a) for a in self.argv())
         # stdio is the serial console; QEMU's own messages go to a file, not into the protocol
