@@ -18,14 +18,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from kvmsplit import __version__
 from kvmsplit.errors import BadInputError, NoInputError, UsageError
 from kvmsplit.remote.deploy import deploy
 from kvmsplit.remote.inventory import Box
 from kvmsplit.remote.ssh import Exit, HostKeyTrust, Liveness, RemoteError, Session
+
+if TYPE_CHECKING:
+    import paramiko
+else:
+    from kvmsplit.remote.ssh import paramiko  # imported on first use
 from kvmsplit.runs.results import ERROR, MISS, RunResult, ScenarioResult
 from kvmsplit.runs.schema import load_results
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import os
 import shlex
 import socket
@@ -31,10 +32,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-
-import paramiko
+from typing import TYPE_CHECKING, Any
 
 from kvmsplit.remote.inventory import Box
+
+
+class _LazyModule:
+    """A module imported on first use: paramiko pulls in invoke and asyncio (0.1-0.4 s), which
+    every other kvmsplit command would otherwise pay at start-up (the start-up goal is 0.2 s)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if TYPE_CHECKING:
+    import paramiko
+else:
+    paramiko = _LazyModule("paramiko")
 
 Say = Callable[[str], None]
 CONNECT_TIMEOUT = 15.0
@@ -62,13 +79,16 @@ class HostKeyTrust(StrEnum):
     KNOWN = "known"             # refuse (paramiko RejectPolicy)
     ACCEPT_NEW = "accept-new"   # add it, say so, save it (a changed key is still refused)
 
-    def policy(self, box: Box, say: Say) -> paramiko.MissingHostKeyPolicy:
+    def policy(self, box: Box, say: Say) -> paramiko.MissingHostKeyPolicy | _AcceptNew:
         if self is HostKeyTrust.KNOWN:
             return paramiko.RejectPolicy()
         return _AcceptNew(box, say)
 
 
-class _AcceptNew(paramiko.MissingHostKeyPolicy):
+class _AcceptNew:
+    """paramiko's MissingHostKeyPolicy interface (missing_host_key), without subclassing it at
+    import time."""
+
     def __init__(self, box: Box, say: Say):
         self.box, self.say = box, say
 
