@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -97,6 +97,12 @@ class ScenarioResult:
     def __post_init__(self) -> None:
         self.verdict = Verdict(self.verdict)
 
+    def _json_view(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["checks"] = [{f.name: getattr(c, f.name) for f in fields(c)} for c in self.checks]
+        d["phases"] = [{f.name: getattr(p, f.name) for f in fields(p)} for p in self.phases]
+        return d
+
     def check(self, name: str) -> Check | None:
         return next((c for c in self.checks if c.name == name), None)
 
@@ -159,6 +165,13 @@ class RunResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _json_view(self) -> dict:
+        """to_dict()'s content without asdict's deep copy (results.json is rewritten after every
+        scenario: the copy made that quadratic, seconds per scenario late in a suite under TCG)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["scenarios"] = [s._json_view() for s in self.scenarios]
+        return d
+
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:
         """The inverse of to_dict(); the caller validates d first (report.schema)."""
@@ -170,7 +183,7 @@ class RunResult:
         path = directory / "results.json"
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, default=json_default)
+            f.write(json.dumps(self._json_view(), indent=1, default=json_default))
             f.write("\n")
         os.replace(tmp, path)
         return path
@@ -179,6 +192,8 @@ class RunResult:
 def json_default(o):
     if hasattr(o, "to_dict"):
         return o.to_dict()
+    if is_dataclass(o) and not isinstance(o, type):
+        return asdict(o)
     if hasattr(o, "item"):        # numpy scalars
         return o.item()
     if isinstance(o, (set, frozenset)):
