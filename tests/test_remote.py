@@ -241,9 +241,13 @@ def test_boot_onto_the_wrong_kernel_is_said_plainly(lab, tmp_path):
     image = tmp_path / "bzImage"
     image.write_bytes(b"\0" * 4096)
     inv = inventory(lab, tmp_path, [box], wrong={"switch": "grub-reboot"})
+    host_boot = set(os.listdir("/boot"))
     r, _ = kvmsplit("remote", "boot", "--inventory", inv, "wrong", "--kernel", image,
                     "--release", "6.12.99-kvmsplit-under-test", "--deadline", "30")
     assert r.returncode == 1
+    # the kernel went into the box's /boot, never into this host's
+    assert (box.dir / "boot" / "vmlinuz-6.12.99-kvmsplit-under-test").exists()
+    assert set(os.listdir("/boot")) == host_boot
     assert "WRONG KERNEL: came back on " + os.uname().release in r.stdout, r.stdout + r.stderr
     log = box.shim_log.read_text()
     assert "grub-reboot gnulinux-advanced-1234-abcd>gnulinux-6.12.99-kvmsplit-under-test-advanced-1234-abcd" in log

@@ -141,8 +141,11 @@ class Box:
         (self.dir / "uname").chmod(0o755)
         if not (self.dir / "uname.real").exists():
             shutil.copy("/usr/bin/uname", self.dir / "uname.real")
+        (self.dir / "boot").mkdir(exist_ok=True)
+        # the box's /boot is its own: a grub-reboot switch copies the kernel there (never into the host's)
         inner = (f"mount --bind {self.dir}/boot_id /proc/sys/kernel/random/boot_id && "
-                 f"mount --bind {self.dir}/uname /usr/bin/uname && exec {SSHD} -D -e -f {self._config()}")
+                 f"mount --bind {self.dir}/uname /usr/bin/uname && mount --bind {self.dir}/boot /boot && "
+                 f"exec {SSHD} -D -e -f {self._config()}")
         cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
         if self.ns:
             cmd = ["ip", "netns", "exec", self.ns, *cmd]
