@@ -525,3 +525,28 @@ def test_a_kvmsplit_in_another_pid_namespace_leaves_our_live_session_alone(traci
         assert not [d for d in done if ts.instance.name in d], done
         assert ts.instance.exists()
         ts.take()                   # still ours, still readable
+
+
+def test_an_empty_mount_point_of_a_dead_run_is_removed_and_a_live_ones_is_kept(tracing):
+    """A killed run whose mount namespace ended leaves only an empty directory; the next run removes
+    it. One of a live process (ours) and one that is not empty stay."""
+    from kvmsplit.tracing.tracefs import recover_stale
+    p = subprocess.Popen(["true"])            # a pid that no longer exists
+    p.wait()
+    dead = p.pid
+    tmp = Path(tempfile.gettempdir())
+    stale = tmp / f"kvmsplit-tracefs-{dead}-ns{pid_namespace()}-test"
+    live = tmp / f"kvmsplit-tracefs-{os.getpid()}-ns{pid_namespace()}-test"
+    full = tmp / f"kvmsplit-tracefs-{dead}-ns{pid_namespace()}-full"
+    for d in (stale, live, full):
+        d.mkdir()
+    (full / "x").write_text("keep")
+    try:
+        done = recover_stale()
+        assert f"empty tracefs mount point {stale}" in done and not stale.exists()
+        assert live.exists() and full.exists()
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+        for d in (stale, live):
+            if d.exists():
+                d.rmdir()

@@ -145,6 +145,23 @@ def recover_stale(mounts_path: str = "/proc/mounts") -> list[str]:
                 done.append(f"tracefs mount {point}")
             except OSError:
                 pass
+    return done + _remove_unmounted_dirs(set(points))
+
+
+def _remove_unmounted_dirs(mounted: set[str]) -> list[str]:
+    """A private mount point whose tracefs is already gone (its mount namespace ended with a
+    killed run) is an empty directory left in the temp dir: removed once its owner is dead."""
+    done = []
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob("kvmsplit-tracefs-*"):
+        owner = PRIVATE_MOUNT.match(d.name)
+        if owner is None or str(d) in mounted or not _dead(owner[1], owner[2]):
+            continue
+        try:
+            d.rmdir()                   # only ever an empty directory
+            done.append(f"empty tracefs mount point {d}")
+        except OSError:
+            pass
     return done
 
 
