@@ -41,7 +41,8 @@ from kvmsplit.scenario.engine import VCPU_STATS, VM_STATS, RunOptions
 from kvmsplit.scenario.expectation import Expectation, expect
 from kvmsplit.scenario.model import DirtyMode, Scenario, validate
 from kvmsplit.scenario.observations import Observations
-from kvmsplit.scenario.verdict import HUGE_SIZES, decide, judge
+from kvmsplit.scenario.verdict import HUGE_SIZES, decide, judge, nothing_to_split
+from kvmsplit.scenario.verdict import huge_mappings as _huge
 from kvmsplit.scenario.witness import Witness
 from kvmsplit.syscalls import logging_windows
 from kvmsplit.tracing import TraceSession, TracingUnavailable
@@ -693,10 +694,6 @@ class QemuHooks:
 
 
 # -- the QEMU-specific checks ----------------------------------------------------------------------
-def _huge(st: dict | None) -> int:
-    return (st or {}).get("pages_2m", 0) + (st or {}).get("pages_1g", 0)
-
-
 def _splits(obs: Observations, phases: tuple[str, ...]) -> int | None:
     traces = [obs.trace(p) for p in phases if obs.stats(p) is not None]
     if obs.trace_unavailable or not traces or any(t is None for t in traces):
@@ -732,13 +729,10 @@ def qemu_split_check(obs: Observations, exp: Expectation) -> tuple[str | None, C
     end = obs.stats(window[-1]) if len(window) > 1 else None
     details: dict[str, object] = {"expected": exp.to_dict(), "populate": populate, "enable": enable,
                                   "window": window, "window_end": end}
-    if populate is None:
-        return None, Check("split", S.SKIP, "not reached", details)
+    early = nothing_to_split(populate, exp, details)
+    if early is not None:
+        return early
     huge0 = _huge(populate)
-    if huge0 == 0:
-        st = S.PASS if exp.split == "none" else S.SKIP
-        return "none", Check("split", st, "no huge mappings, nothing to split"
-                             + ("" if st is S.PASS else f" (expected {exp.split})"), details)
     if enable is None or end is None:
         return None, Check("split", S.SKIP, "no dirty pass completed under logging", details)
     splits = _splits(obs, tuple(window))
