@@ -114,9 +114,10 @@ def host_changes():
         yield hc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def witness():
-    """The tracepoint witness, as `kvmsplit run` sets it up (tracefs found or mounted once)."""
+    """The tracepoint witness, as `kvmsplit run` sets it up (tracefs found or mounted, and
+    one trace instance), for one test: tests check that no instance of theirs is left."""
     from kvmsplit.scenario.witness import Witness
     w = Witness.open()
     yield w

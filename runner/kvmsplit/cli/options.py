@@ -46,6 +46,9 @@ def add_selection(parser: argparse.ArgumentParser, source: str = "--scenario") -
     if source == "--scenario":
         parser.add_argument("--scenario", action="append", metavar="FILE.toml",
                             help="scenarios from a TOML file instead of the default suite")
+        parser.add_argument("--full", action="store_true",
+                            help="the full suite: the default one and the 4K-over-1G variants it leaves out "
+                                 "(-k always picks from the full suite)")
     else:
         parser.add_argument("--manifest", metavar="FILE.toml",
                             help="the selftests to run (default: kselftests/manifest.toml)")

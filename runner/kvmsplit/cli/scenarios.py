@@ -46,7 +46,7 @@ def chosen_scenarios(args) -> tuple[list[Scenario], HostFacts]:
 
 
 def _default(facts: HostFacts, args) -> list[Scenario]:
-    suite = default_suite(facts)
+    suite = default_suite(facts, full=bool(getattr(args, "full", False) or args.k))
     if getattr(args, "backend", None) != "qemu":
         return suite
     # -k picks from the whole default suite; without it, the QEMU set

@@ -56,6 +56,7 @@ def run_items(backend: Backend, facts: HostFacts, outdir: Path, *,
                 current = i
                 rr.scenarios[i] = _run_one(backend, i, host, rr)
                 current = None
+                rr.done(i)
                 rr.write(outdir)
                 notify(sinks, "scenario_done", rr, i, outdir)
                 if on_result:

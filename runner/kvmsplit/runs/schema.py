@@ -9,11 +9,16 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-
-import jsonschema
+from typing import TYPE_CHECKING
 
 from kvmsplit.errors import BadInputError, read_parsed
+from kvmsplit.lazy import lazy
 from kvmsplit.runs.results import RunResult
+
+if TYPE_CHECKING:
+    import jsonschema
+else:
+    jsonschema = lazy("jsonschema")     # 0.1 s of start-up; only reading results validates them
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 _MAX_SHOWN = 200        # characters of a value quoted in an error

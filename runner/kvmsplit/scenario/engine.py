@@ -10,23 +10,28 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from kvmsplit.host.changes import HostChanges
 from kvmsplit.host.facts import HostFacts
 from kvmsplit.kernellog import KernelLogGuard
+from kvmsplit.lazy import lazy
 from kvmsplit.runs.results import Phase, ScenarioResult, Verdict
 from kvmsplit.scenario.expectation import expect
 from kvmsplit.scenario.model import DirtyMode, Scenario
 from kvmsplit.scenario.observations import Observations
 from kvmsplit.scenario.verdict import HUGE_SIZES, Judgement, judge
 from kvmsplit.scenario.witness import Witness
-from kvmsplit.tracing import TraceSession, TracingUnavailable
+from kvmsplit.tracing import TraceSession
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.kvm import FaultInjector, KvmIoctlError, VmBugged, uapi
 from kvmsplit.vmm.machine import DirtyRingStuck, GuestError, GuestTimeout, Machine
 from kvmsplit.vmm.memory import Backing, GuestMemory
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy("numpy")     # imported when first used: after the guest's first line
 
 TEST_GPA = 1 << 32          # 4 GiB: 1G-aligned and clear of the boot identity map
 FIRST_TEST_SLOT = 1
@@ -123,7 +128,6 @@ class ScenarioRun:
             raise
         finally:
             self._teardown()      # before the guard stops: a WARNING at VM teardown counts
-            self._close_trace()
             r.kernel_log = guard.stop().to_dict()
             r.duration_s = time.monotonic() - t0
         if self.not_testable:
@@ -138,13 +142,6 @@ class ScenarioRun:
         if self.trace is None:
             self.trace_unavailable = self.witness.unavailable if self.witness else "no trace witness was set up"
 
-    def _close_trace(self) -> None:
-        if self.trace is None:
-            return
-        try:
-            self.trace.close()
-        except TracingUnavailable as e:     # never mask how the scenario ended; the next run cleans up
-            self.res.extra["trace_cleanup"] = e.reason
 
     def observations(self) -> Observations:
         """Everything the verdict needs, frozen."""

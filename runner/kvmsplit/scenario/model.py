@@ -292,10 +292,18 @@ def to_toml(scenarios: list[Scenario], header: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def default_suite(facts: HostFacts | None = None) -> list[Scenario]:
+# Left out of the default suite, in the full one (`run --full`; -k picks from it too):
+# 4K guest pages over 1G host pages in the modes the other 4K scenarios already cover
+# (nothing is huge for KVM there, and 1 GiB of 4K faults is 40 % of the default suite).
+FULL_ONLY = ("hugetlb-1g/4k/manual", "hugetlb-1g/4k/manual-init-set", "hugetlb-1g/4k/ring-acq-rel")
+
+
+def default_suite(facts: HostFacts | None = None, full: bool = False) -> list[Scenario]:
     """Each backing x each dirty mode x each guest page size, a few hundred
-    MiB each (1 GiB where 1G pages are involved), plus multi-vCPU, multi-slot
-    and random-pattern variants. Sized down on hosts with little memory."""
+    MiB each (1 GiB where 1G pages are involved; half of `base` with 4K guest
+    pages, which have nothing to split and cost a fault per page), plus
+    multi-vCPU, multi-slot and random-pattern variants. Sized down on hosts
+    with little memory. full: also FULL_ONLY."""
     avail = (facts.mem_available if facts else None) or 8 * GB
     base = 256 * MB if avail >= 4 * GB else 64 * MB
     out = []
@@ -303,12 +311,13 @@ def default_suite(facts: HostFacts | None = None) -> list[Scenario]:
         for gp in ("4k", "2m", "1g"):
             if gp == "1g" and backing is not Backing.HUGETLB_1G:
                 continue    # a 1G guest page maps huge only over 1G host pages
-            size = GB if (gp == "1g" or backing is Backing.HUGETLB_1G) else base
+            size = GB if (gp == "1g" or backing is Backing.HUGETLB_1G) else base // 2 if gp == "4k" else base
             if size > avail // 2:
                 continue
             for mode in DirtyMode:
-                out.append(Scenario(name=f"{backing.value}/{gp}/{mode.value}", backing=backing,
-                                    guest_page=gp, size=size, dirty_mode=mode))
+                name = f"{backing.value}/{gp}/{mode.value}"
+                if full or name not in FULL_ONLY:
+                    out.append(Scenario(name=name, backing=backing, guest_page=gp, size=size, dirty_mode=mode))
     out += nested_suite(base)
     out += emulated_suite(facts)
     out += [

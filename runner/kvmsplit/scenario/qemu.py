@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from kvmsplit.errors import BadInputError
 from kvmsplit.host.changes import HostChanges
 from kvmsplit.host.facts import HostFacts
 from kvmsplit.kernellog import KernelLogGuard
+from kvmsplit.lazy import lazy
 from kvmsplit.runs.results import Check, CheckStatus, Phase, ScenarioResult, Verdict
 from kvmsplit.scenario.engine import VCPU_STATS, VM_STATS, RunOptions
 from kvmsplit.scenario.expectation import Expectation, expect
@@ -50,6 +50,11 @@ from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.machine import GuestError, GuestTimeout
 from kvmsplit.vmm.memory import Backing
 from kvmsplit.vmm.qemu import QMP_TIMEOUT, TEST_GPA, QemuError, QemuExited, QemuHung, QemuVm, Region, low_memory
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy("numpy")     # imported when first used: after the guest's first line
 
 S = CheckStatus
 RING_ENTRY = 16                 # bytes per struct kvm_dirty_gfn

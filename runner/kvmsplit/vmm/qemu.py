@@ -20,16 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pexpect
 
 from kvmsplit.errors import UnavailableError
+from kvmsplit.lazy import lazy
 from kvmsplit.vmm.guest import ucall
 from kvmsplit.vmm.machine import GuestError, GuestTimeout
 from kvmsplit.vmm.memory import GB, MB, Backing
 
 if TYPE_CHECKING:
+    import numpy as np
     from qemu.qmp.legacy import QEMUMonitorProtocol
+else:
+    np = lazy("numpy")     # imported when first used: after the guest's first line
 
 QEMU = "qemu-system-x86_64"
 TEST_GPA = 1 << 32              # the same GPA as kvmsplit's own VMM: a 1G-aligned DIMM above 4G

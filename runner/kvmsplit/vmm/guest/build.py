@@ -20,13 +20,17 @@ TOOLS = ("make", "gcc", "ld", "objcopy")
 
 
 def _source_hash(src: Path) -> str:
+    """The sources and the compiler that builds them. The compiler is known by its
+    driver's resolved path, size and mtime: a package update changes them (running
+    `gcc --version` took a fork and exec of every run's start-up)."""
     h = hashlib.sha256()
     for f in sorted(p for p in src.iterdir() if p.is_file() and p.suffix in (".S", ".c", ".h", ".ld", "")):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    try:
-        h.update(subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False).stdout.encode())
-    except OSError:
-        pass
+    gcc = shutil.which("gcc")
+    if gcc:
+        real = os.path.realpath(gcc)
+        st = os.stat(real)
+        h.update(f"{real}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -35,14 +39,14 @@ def guest_image(src: Path | None = None) -> Path:
     src = Path(src or guests_dir())
     if not (src / "Makefile").is_file():
         raise UnavailableError(f"guest sources not found at {src} (set KVMSPLIT_GUESTS_DIR)")
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        raise UnavailableError(f"cannot build the guest: {', '.join(missing)} not found "
-                               "(install gcc, make and binutils)")
     out = cache_dir() / "guests" / _source_hash(src)
     image = out / "guest.elf"
     if image.is_file():
         return image
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        raise UnavailableError(f"cannot build the guest: {', '.join(missing)} not found "
+                               "(install gcc, make and binutils)")
     out.parent.mkdir(parents=True, exist_ok=True)
     # build into a private directory and rename: concurrent runs never see half a build
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
