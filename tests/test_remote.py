@@ -85,6 +85,9 @@ def test_a_run_on_two_boxes_runs_in_parallel_and_comes_back_with_its_files_and_h
         assert "ok 1 one" in (out / "console.log").read_text()        # streamed and kept
         assert f"[{name}] ok 1 one" in r.stderr                      # streamed as it came
         spans.append((res["started"], res["finished"]))
+        work = CACHE / "remote-boxes" / name
+        assert not (work / res["host"]["remote"]["run_dir"]).exists(), "the run's directory stayed on the box"
+        assert (work / "venv" / "bin" / "python").exists()              # the deployed venv stays
     # in parallel: each box's run started before the other's finished
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
     rows = History(tmp_path / "h.db").runs()
@@ -352,3 +355,45 @@ def test_ctrl_c_stops_the_command_on_every_box_and_keeps_what_it_finished(lab, b
                 if "kvmsplit" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
         assert not left, f"kvmsplit still running on {name}"
     assert len(History(tmp_path / "h.db").runs()) == 2
+
+
+def on_box(box, *words: str) -> list[str]:
+    """The box's processes whose command line has any of `words`."""
+    found = []
+    for pid in box.pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")
+        except OSError:
+            continue
+        if any(w in cmd for w in words):
+            found.append(f"{pid} {cmd}")
+    return found
+
+
+def test_a_killed_local_remote_run_leaves_nothing_running_on_the_box(lab, boxes, tmp_path):
+    """SIGKILL, no chance to say goodbye: the box's command and its children end with the
+    connection (its watchdog sees EOF on the channel), not at the --timeout an hour later."""
+    b1 = boxes["b1"]
+    inv = inventory(lab, tmp_path, [b1])
+    quiet = tmp_path / "quiet.toml"         # after "one", 30 s without a line: no broken pipe to end it early
+    quiet.write_text(SUITE.read_text().split("[[scenario]]")[0]
+                     + '[[scenario]]\nname = "one"\n\n[[scenario]]\nname = "long"\npasses = 100\n')
+    args = [sys.executable, "-m", "kvmsplit", "remote", "run", "--inventory", inv, "--output", tmp_path / "out",
+            "--db", tmp_path / "h.db", "b1", "--", "kvmsplit", "run", "--scenario", quiet, "--ktap"]
+    p = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in p.stderr:
+            if line.startswith("[b1] ok 1 "):          # mid-run: one scenario done, four to go
+                break
+        assert on_box(b1, "kvmsplit", "timeout"), "nothing running on the box to begin with"
+        p.kill()
+        p.wait()
+        t0 = time.monotonic()
+        while on_box(b1, "kvmsplit", "timeout") and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+    finally:
+        p.kill()
+        p.wait()
+    assert not on_box(b1, "kvmsplit", "timeout"), "the command outlived its connection on the box"
+    assert took < 5, f"the box's command took {took:.1f}s to end after its connection did"

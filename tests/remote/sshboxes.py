@@ -13,7 +13,9 @@ with a directory of shims (`kexec`, `systemctl`, `grub-reboot`, ...) that
 record how they were called. `kexec -e` asks the lab to reboot the box:
 its whole sshd (sessions included) is killed, and a new one starts with a
 new boot_id and the release the test chose, or none at all (a box that
-never comes back).
+never comes back). A box may see more of the test's files in place of its
+own (`binds`): e.g. a module's parameters directory with a writable file, which
+no real module parameter here is.
 
 Everything is torn down by close(): processes (by netns, or by walking
 the process tree), namespaces, veths, the privsep directory if we made it,
@@ -22,6 +24,7 @@ temporary files.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -72,8 +75,9 @@ def descendants(pid: int) -> list[int]:
 
 
 class Box:
-    def __init__(self, lab: Lab, name: str, index: int, netns: bool):
+    def __init__(self, lab: Lab, name: str, index: int, netns: bool, binds: dict[str, Path] | None = None):
         self.lab, self.name, self.index = lab, name, index
+        self.binds = binds or {}            # a path on the box -> the test's file or directory seen there
         self.dir = lab.tmp / name
         self.dir.mkdir()
         self.ns = f"kvs{os.getpid() % 100000}b{index}" if netns else None
@@ -145,7 +149,9 @@ class Box:
         # the box's /boot is its own: a grub-reboot switch copies the kernel there (never into the host's)
         inner = (f"mount --bind {self.dir}/boot_id /proc/sys/kernel/random/boot_id && "
                  f"mount --bind {self.dir}/uname /usr/bin/uname && mount --bind {self.dir}/boot /boot && "
-                 f"exec {SSHD} -D -e -f {self._config()}")
+                 + "".join(f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)} && "
+                           for dst, src in self.binds.items())
+                 + f"exec {SSHD} -D -e -f {self._config()}")
         cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
         if self.ns:
             cmd = ["ip", "netns", "exec", self.ns, *cmd]
@@ -235,8 +241,8 @@ class Lab:
         self._watcher = threading.Thread(target=self._watch_reboots, daemon=True)
         self._watcher.start()
 
-    def box(self, name: str, netns: bool = True, known: bool = True) -> Box:
-        b = Box(self, name, len(self.boxes) + 1, netns)
+    def box(self, name: str, netns: bool = True, known: bool = True, binds: dict[str, Path] | None = None) -> Box:
+        b = Box(self, name, len(self.boxes) + 1, netns, binds)
         self.boxes.append(b)
         b.start()
         if known:

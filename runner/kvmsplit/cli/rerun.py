@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,24 +125,61 @@ def _sha256(path: Path) -> str:
 
 def find_image(vm: dict, built: dict | None) -> Path:
     """The kernel image a vm run booted: where it was, or in the kernel
-    cache by sha256, or rebuilt from the recorded tree and patches."""
+    cache by sha256, or rebuilt from the recorded tree, commit and patches."""
     want = vm.get("sha256")
     candidates = [Path(vm["image"])] if vm.get("image") else []
     candidates += sorted((cache_dir() / "kernel" / "images").glob("*/bzImage"))
     for c in candidates:
         if c.is_file() and (not want or _sha256(c) == want):
             return c
-    if built and built.get("tree") and Path(built["tree"]).is_dir():
-        say(f"kernel {want and want[:16]} is not in the cache: rebuilding it from {built['tree']} at "
-            f"{built.get('commit', '?')[:12]} + {len(built.get('patch_files') or [])} patch(es)")
-        k = build(built["tree"], list(built.get("patch_files") or []))
-        if want and _sha256(k.image) != want:
-            say(f"warning: the rebuilt image's sha256 differs from the original's ({want[:16]}): "
-                "the build is not bit-reproducible, but it is the same commit, patches and config")
-        return k.image
-    raise UnavailableError(f"the kernel under test (sha256 {want}) is gone: not at {vm.get('image')}, not in "
-                           f"{cache_dir() / 'kernel' / 'images'}, and not rebuildable (no recorded tree); "
-                           "rerun with --here to run on this machine's kernel")
+    return rebuild(vm, built or {})
+
+
+def rebuild(vm: dict, built: dict) -> Path:
+    """The image built again from what the run recorded, and how it compares
+    with the one that ran; or one line saying why it cannot be."""
+    tree = Path(built["tree"]) if built.get("tree") else None
+    commit = built.get("commit")
+    patches = [Path(p) for p in built.get("patch_files") or []]
+    why = _unrebuildable(tree, commit, patches)
+    if why or tree is None:
+        raise UnavailableError(f"the kernel under test (sha256 {vm.get('sha256')}) is gone: not at "
+                               f"{vm.get('image')}, not in {cache_dir() / 'kernel' / 'images'}, and {why}; "
+                               "rerun with --here to run on this machine's kernel")
+    say(f"kernel {str(vm.get('sha256'))[:16]} is not in the cache: rebuilding it from {tree} at "
+        f"{(commit or 'HEAD')[:12]} + {len(patches)} patch(es)")
+    k = build(tree, [str(p) for p in patches], commit=commit, say=say)
+    say(same_kernel(vm, built, k.image, k.build_id))
+    return k.image
+
+
+def _unrebuildable(tree: Path | None, commit: str | None, patches: list[Path]) -> str | None:
+    """Why the recorded kernel cannot be rebuilt here (None: it can)."""
+    if tree is None:
+        return "not rebuildable (no recorded tree)"
+    if not tree.is_dir():
+        return f"not rebuildable: its tree {tree} is gone"
+    if commit and subprocess.run(["git", "-C", str(tree), "cat-file", "-e", f"{commit}^{{commit}}"],
+                                 capture_output=True).returncode:
+        return f"not rebuildable: its commit {commit[:12]} is not in {tree}"
+    gone = [p for p in patches if not p.is_file()]
+    if gone:
+        return f"not rebuildable: its patch {gone[0]} is gone"
+    return None
+
+
+def same_kernel(vm: dict, built: dict, image: Path, build_id: str | None) -> str:
+    """What the rebuilt image has in common with the one that ran."""
+    sha, was_sha = _sha256(image), vm.get("sha256")
+    was_id = vm.get("build_id") or built.get("build_id")
+    if sha == was_sha:
+        return f"the rebuilt image is the one that ran: sha256 {sha[:16]}, build id {build_id}"
+    if was_id and build_id == was_id:
+        return (f"the rebuilt kernel has the build id of the one that ran ({build_id}); its bzImage's "
+                f"sha256 differs ({sha[:16]}, was {str(was_sha)[:16]})")
+    return (f"warning: the rebuilt kernel differs from the one that ran: sha256 {sha[:16]} (was "
+            f"{str(was_sha)[:16]}), build id {build_id} (was {was_id}); same commit, patches and config, "
+            "another toolchain or build")
 
 
 def rerun_in_vm(args, loaded: LoadedRun, chosen: list[ScenarioResult]) -> int:

@@ -13,7 +13,11 @@ from its base tag, so a build killed with its patches applied cannot leak
 them into a later build. An unpatched build of a user tree builds the tree
 as it is, and its cache key includes its uncommitted edits. The bzImage is
 copied into the cache under a key of (commit, uncommitted edits, patches,
-config).
+config). A build of another commit than the tree's HEAD (a rerun rebuilding
+what an earlier run booted) goes into the same worktree, at that commit.
+Builds are reproducible (KBUILD_BUILD_TIMESTAMP from the commit, fixed
+user, host and version), so a rebuild of the same commit, patches and config
+gives the same build id and, on the same toolchain, the same bzImage.
 """
 from __future__ import annotations
 
@@ -49,10 +53,12 @@ class KernelImage:
     commit: str
     patches: list[str]
     cached: bool
+    build_id: str | None = None
 
     def to_dict(self) -> dict:
         return {"image": str(self.image), "key": self.key, "release": self.release,
-                "commit": self.commit, "patches": self.patches, "cached": self.cached}
+                "commit": self.commit, "patches": self.patches, "cached": self.cached,
+                "build_id": self.build_id}
 
 
 def _git(tree: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -170,8 +176,23 @@ def restore(tree: Path, commit: str) -> None:
     _git(tree, "clean", "-qfd")
 
 
+def _commit(src: Path, owned: bool, wanted: str | None) -> str:
+    """The commit to build: the tree's (its base tag for kvmsplit's own, else
+    HEAD), or `wanted`, which must be in the tree (and, in kvmsplit's own
+    tree, be its base: that tree has no other)."""
+    own = _git(src, "rev-parse", f"{BASE_TAG}^{{commit}}" if owned else "HEAD").stdout.strip()
+    if not wanted or own.startswith(wanted):
+        return own
+    r = _git(src, "rev-parse", "-q", "--verify", f"{wanted}^{{commit}}", check=False)
+    if r.returncode or owned:
+        raise UnavailableError(f"commit {wanted[:12]} is not in {src}" + (f" (it holds {own[:12]} only)"
+                                                                         if owned else ""))
+    return r.stdout.strip()
+
+
 def build(tree: str | Path | None = None, patches: Sequence[str] = (), *, force: bool = False,
-          say: Callable[[str], None] | None = None) -> KernelImage:
+          say: Callable[[str], None] | None = None, commit: str | None = None) -> KernelImage:
+    """The image of `tree` (at `commit`, default its HEAD) with `patches`, from the cache or built."""
     say = say or (lambda m: print(f"kvmsplit: {m}", file=sys.stderr))
     src = Path(tree) if tree else default_tree(say=say)
     _check_tree(src)
@@ -180,18 +201,21 @@ def build(tree: str | Path | None = None, patches: Sequence[str] = (), *, force:
         if not p.is_file():
             raise NoInputError(f"{p}: no such patch file")
     owned = _owned(src)
-    commit = _git(src, "rev-parse", f"{BASE_TAG}^{{commit}}" if owned else "HEAD").stdout.strip()
-    edits = "" if owned or pfiles else _edits(src)
+    head = _git(src, "rev-parse", "HEAD").stdout.strip()
+    commit = _commit(src, owned, commit)
+    elsewhere = not owned and commit != head       # not the checkout as it is: a worktree at the commit
+    edits = "" if owned or pfiles or elsewhere else _edits(src)
     key = _key(commit, pfiles, edits)
     out = cache_dir() / "kernel" / "images" / key
     if (out / "bzImage").is_file() and not force:
         info = json.loads((out / "info.json").read_text())
-        return KernelImage(out / "bzImage", key, info.get("release"), commit, [str(p) for p in pfiles], True)
+        return KernelImage(out / "bzImage", key, info.get("release"), commit, [str(p) for p in pfiles], True,
+                           info.get("build_id"))
     vng = _tools()
     if owned:
         restore(src, commit)        # ours: whatever a killed build left applied goes
         where = src
-    elif pfiles:
+    elif pfiles or elsewhere:
         where = worktree(src, commit)
         if _edits(src):
             say(f"{src} has uncommitted changes; the patches go onto its HEAD {commit[:12]} without them")
@@ -201,7 +225,7 @@ def build(tree: str | Path | None = None, patches: Sequence[str] = (), *, force:
         apply_patches(where, pfiles)
         say(f"building {src} at {commit[:12]}" + (f" + {len(pfiles)} patch(es) in {where}" if pfiles else "")
             + " (minutes; an unchanged tree is not rebuilt)")
-        release, build_id = _make(where, vng)
+        release, build_id = _make(where, vng, _timestamp(where, commit))
         _store(out, where, {"tree": str(src), "built_in": str(where), "commit": commit, "edits": edits or None,
                             "patches": [str(p) for p in pfiles],
                             "patch_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in pfiles],
@@ -209,7 +233,7 @@ def build(tree: str | Path | None = None, patches: Sequence[str] = (), *, force:
     finally:
         if pfiles:
             restore(where, commit)
-    return KernelImage(out / "bzImage", key, release, commit, [str(p) for p in pfiles], False)
+    return KernelImage(out / "bzImage", key, release, commit, [str(p) for p in pfiles], False, build_id)
 
 
 def _tools() -> str:
@@ -223,9 +247,16 @@ def _tools() -> str:
     return vng
 
 
-def _make(where: Path, vng: str) -> tuple[str | None, str | None]:
+def _timestamp(tree: Path, commit: str) -> str:
+    """The commit's date, as the build's timestamp: a rebuild says the same."""
+    return _git(tree, "log", "-1", "--format=%cd", "--date=rfc", commit).stdout.strip()
+
+
+def _make(where: Path, vng: str, timestamp: str) -> tuple[str | None, str | None]:
     args = [vng, "--build", "--force"] + [a for item in CONFIG_ITEMS for a in ("--configitem", item)]
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")])}
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")]),
+           "KBUILD_BUILD_TIMESTAMP": timestamp, "KBUILD_BUILD_USER": "kvmsplit",
+           "KBUILD_BUILD_HOST": "kvmsplit", "KBUILD_BUILD_VERSION": "1"}
     r = subprocess.run(args, check=False, cwd=where, capture_output=True, text=True, env=env)
     if r.returncode:
         raise UnavailableError(f"kernel build failed: {first_error(r.stderr + r.stdout)}")

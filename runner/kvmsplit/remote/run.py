@@ -3,7 +3,10 @@
 Each box gets this kvmsplit (deploy.py), runs the command under `timeout -k`
 in its work directory with its output in a directory of its own, streams
 its output lines here, and its output directory comes back into
-OUT/BOX/ with the console (what the command printed) as console.log.
+OUT/BOX/ with the console (what the command printed) as console.log; once
+it is here, the box's copy (WORKDIR/runs/RUN) is removed (the deployed
+venv, wheels and guests stay, for the next run). A run whose files could
+not be fetched keeps its directory on the box, and its results say where.
 Whatever happens, OUT/BOX/results.json says how it went: the box's own
 results, marked with the box (`host.remote`); or, when the box could not be
 reached or died, MISS for everything that never ran, with why. One box's
@@ -150,6 +153,7 @@ def _fetch(session: Session, box: Box, remote_dir: str, out: Path, how: RemoteRu
                 session = Session.open(box, how.trust, how.live, timeout=how.connect_timeout)
             try:
                 session.get_tree(f"{box.workdir}/{remote_dir}", out)
+                _remove(session, f"{box.workdir}/{remote_dir}")
                 return None
             finally:
                 if attempt == 2:
@@ -159,6 +163,14 @@ def _fetch(session: Session, box: Box, remote_dir: str, out: Path, how: RemoteRu
         except (RemoteError, OSError, EOFError, paramiko.SSHException) as e:
             why = str(e) or type(e).__name__
     return f"results not fetched: {why}"
+
+
+def _remove(session: Session, remote: str) -> None:
+    """A run's directory on the box, fetched: gone (a failure to remove it only leaves it there)."""
+    try:
+        session.output(["rm", "-rf", "--", remote])
+    except RemoteError:
+        pass
 
 
 def _placeholder(box: Box, argv: list[str]) -> RunResult:

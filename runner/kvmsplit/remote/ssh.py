@@ -11,7 +11,11 @@ exactly like one that is quiet. Every read here has its own deadline, and
 when a box has been silent for `alive_interval` seconds a keepalive that
 wants a reply is sent; no answer within `alive_interval * alive_count`
 seconds and the box is dead (ssh's ServerAliveInterval/CountMax). On the
-box, commands run under `timeout -k`, so they end even if we are gone.
+box, commands run under `timeout -k`, so they end even if we are gone, and
+under a watchdog that ends them as soon as we are: the channel is the
+command's stdin, and EOF on it (kvmsplit here killed, its connection
+dropped, the channel closed) sends the command's `timeout` a SIGTERM, which
+it passes on to its whole process group, with a SIGKILL after the grace.
 
 Commands are argv lists, joined with shlex.join: no value reaches the box's
 shell unquoted. Nothing secret is logged: the key is a path, never read
@@ -57,7 +61,13 @@ Say = Callable[[str], None]
 CONNECT_TIMEOUT = 15.0
 KILL_GRACE = 10          # seconds `timeout -k` gives a command after TERM
 PID_MARK = "@@kvmsplit-remote-pid "
-PID_ECHO = f'echo "{PID_MARK}$$"; exec "$@"'     # the pid `timeout` will have, then the command
+# "$@" (`timeout ...`: its own process group) in the background, its pid said;
+# a watchdog reads the channel (our stdin, fd 3 in it: an asynchronous list's
+# stdin is /dev/null) until EOF, then stops the command; the command's end
+# stops the watchdog; the shell exits with the command's status.
+WATCHED = ('exec 3<&0; "$@" </dev/null 3<&- & pid=$!; echo "' + PID_MARK + '$pid"; '
+           '( while read -r _; do :; done; kill -TERM "$pid" 2>/dev/null ) <&3 & watch=$!; '
+           'exec 3<&-; wait "$pid"; rc=$?; exec 2>/dev/null; kill "$watch"; exit "$rc"')
 CHUNK = 1 << 16
 
 
@@ -206,8 +216,9 @@ class Session:
         together) passed on line by line as it comes; never waits past
         timeout + the kill grace + the liveness deadline. When `stop` is
         set (Ctrl-C here), the command gets a SIGTERM on the box (`timeout`
-        passes it on) and the grace to finish, so its results are kept."""
-        words = ["sh", "-c", PID_ECHO, "sh", "timeout", "-k", str(KILL_GRACE), f"{timeout:g}"]
+        passes it on) and the grace to finish, so its results are kept; so
+        it does when this process or its connection goes away (WATCHED)."""
+        words = ["sh", "-c", WATCHED, "sh", "timeout", "-k", str(KILL_GRACE), f"{timeout:g}"]
         if env:
             words += ["env", *[f"{k}={v}" for k, v in env.items()]]
         command = shlex.join(words + argv)

@@ -4,6 +4,13 @@ same suite run under each (in `kvmsplit vm`, or on a box through
 something, the first patch that does found by building and running each
 step (bisection over the patch count, every build cached).
 
+A --matrix combination is one boot of the kernel under test with its
+parameters on the command line; on a box that runs that kernel already
+(booted for an earlier combination) and where every parameter of the
+combination is writable, it is one write of each instead, put back after
+the run (series/params.py). So the kernels go kernel by kernel, each
+combination after the other.
+
 Nothing here touches the user's checkout: builds go through
 kernel.build, which applies patches in a worktree of its own; a series
 with a base-commit other than the tree's HEAD is built from a throwaway
@@ -17,21 +24,24 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmsplit.errors import BadInputError, UsageError
+from kvmsplit.errors import BadInputError, UnavailableError, UsageError
 from kvmsplit.kernel import vm as virtme
 from kvmsplit.kernel.build import BASE_TAG, KernelImage, build, default_tree
 from kvmsplit.paths import cache_dir
 from kvmsplit.remote.boot import BootOutcome, boot
 from kvmsplit.remote.inventory import Box
 from kvmsplit.remote.run import RemoteRun, run_on_boxes
+from kvmsplit.remote.ssh import RemoteError, Session
 from kvmsplit.runs.compare import Comparison, compare
 from kvmsplit.runs.digest import FAILED
 from kvmsplit.runs.history import History, HistorySink
 from kvmsplit.runs.loop import replay
 from kvmsplit.runs.results import RunResult
+from kvmsplit.series.params import Written, not_writable, params_of
 from kvmsplit.series.source import Series
 
 Say = Callable[[str], None]
@@ -56,6 +66,12 @@ def combo_label(append: str | None) -> str:
     if not append:
         return "default"
     return ",".join(w.split(".", 1)[-1] for w in append.split())
+
+
+def combo_dir(append: str | None) -> str:
+    """The combination's directory: its label without '=' or ',', which virtme-ng (whose
+    shared folders the output directory is one of) and QEMU options take for syntax."""
+    return combo_label(append).replace("=", "-").replace(",", "+")
 
 
 @dataclass
@@ -102,6 +118,7 @@ class SeriesRun:
         self.user_history = History(db)
         self.images: dict[int, KernelImage] = {}
         self.outcome_steps: list[Step] = []
+        self.booted: dict | None = None     # the box's boot we made last: its kernel's key, append, boot_id
 
     # -- the tree --------------------------------------------------------------------------
     def _tree(self, tree: Path | None) -> Path:
@@ -140,7 +157,7 @@ class SeriesRun:
 
     def run(self, k: int, append: str | None, args: list[str], tag: str = "") -> Step:
         image = self.kernel(k)
-        name = f"{combo_label(append)}/{'base' if k == 0 else f'patch-{k:02d}'}{tag}"
+        name = f"{combo_dir(append)}/{'base' if k == 0 else f'patch-{k:02d}'}{tag}"
         out = self.out / name
         series_args = self._series_args() if k else []
         argv = ["kvmsplit", *args, *series_args]
@@ -176,33 +193,68 @@ class SeriesRun:
     def _run_remote(self, image: KernelImage, append: str | None, argv: list[str], out: Path) -> RunResult:
         box = self.target.box
         assert box is not None
+        try:
+            writes = self._writes(image, append)
+            booted = dict(self.booted or {}) if writes else self._boot(image, append)
+            context: AbstractContextManager = writes or nullcontext()
+            with context:
+                [ran] = run_on_boxes([box], argv, out.parent, self.target.how,
+                                     echo=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+        except RemoteError as e:
+            raise UnavailableError(f"cannot run the series on {box.name}: {e}") from None
+        (out.parent / box.name).rename(out)
+        ran.rr.host["booted"] = {k: booted.get(k) for k in ("release", "boot_id", "append")}
+        if append:
+            ran.rr.host["module_params"] = {"values": append, "how": "written" if writes else "boot"}
+        return ran.rr
+
+    def _boot(self, image: KernelImage, append: str | None) -> dict:
+        box = self.target.box
+        assert box is not None
         res = boot(box, image.image, None, append, image.release, self.target.boot_deadline, self.target.how,
                    self.say)
         self.say(res.describe())
         if res.outcome is not BootOutcome.BOOTED:
             raise BadInputError(f"cannot run the series on {box.name}: {res.describe()}")
-        [ran] = run_on_boxes([box], argv, out.parent, self.target.how,
-                             echo=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-        (out.parent / box.name).rename(out)
-        ran.rr.host["booted"] = {"release": res.after[1] if res.after else None,
-                                 "boot_id": res.after[0] if res.after else None}
-        return ran.rr
+        self.booted = {"key": image.key, "append": append, "release": res.after[1] if res.after else None,
+                       "boot_id": res.after[0] if res.after else None}
+        return self.booted
+
+    def _writes(self, image: KernelImage, append: str | None) -> Written | None:
+        """The combination as writes of its parameters, when the box runs this
+        kernel already (we booted it) and every one is writable there; None: boot."""
+        params = params_of(append)
+        if not params or not self.booted or self.booted["key"] != image.key:
+            return None
+        with self._session() as session:
+            why = not_writable(session, params)
+        if why:
+            self.say(f"{session.box.name}: {why}: booting with {append!r}")
+            return None
+        return Written(self._session, params, self.say)
+
+    def _session(self) -> Session:
+        how = self.target.how
+        assert self.target.box is not None
+        return Session.open(self.target.box, how.trust, how.live, say=self.say, timeout=how.connect_timeout)
 
     # -- the whole thing ---------------------------------------------------------------------
     def execute(self, appends: list[str | None], bisect: bool, repeat: int = 1) -> Outcome:
-        """Per combination: the base kernel `repeat` times, then the patched
+        """The base kernel `repeat` times per combination, then the patched
         one as often (so compare judges phase times against the spread of
-        repeats, not one sample against another), compared; then bisected."""
+        repeats, not one sample against another); each combination's two
+        compared; then bisected."""
         o = Outcome(self.series)
         self.outcome_steps = o.steps
         n = len(self.series.patches)
-        for append in appends:
-            for k in (0, n):
+        last: dict[tuple[int, str | None], Step] = {}
+        for k in (0, n):
+            for append in appends:
                 for i in range(repeat):
-                    top = self.run(k, append, self.run_args, tag=f"-{i + 1}" if i else "")
-                    if k == 0:
-                        base = top
-            c = compare(base.rr, top.rr, self.history)
+                    last[k, append] = self.run(k, append, self.run_args, tag=f"-{i + 1}" if i else "")
+        for append in appends:
+            top = last[n, append]
+            c = compare(last[0, append].rr, top.rr, self.history)
             o.comparisons.append((append, c))
             if bisect and c.new_failures:
                 o.first_bad[append] = self.bisect(append, top, [sb.name for sb, _ in c.new_failures])
