@@ -45,8 +45,10 @@ TITLES = {"startup": "Start-up: process start -> the guest's first line",
 
 def _load(r: dict) -> str:
     ld = r.get("load", {})
+    kept = f" Measured in an earlier run of this bench on {r['kept_from']}, kept with --keep." \
+        if r.get("kept_from") else ""
     return (f"_Section took {r.get('section_s', 0):.0f} s; load average {ld.get('load1_start')} at its start, "
-            f"{ld.get('load1_end')} at its end._")
+            f"{ld.get('load1_end')} at its end.{kept}_")
 
 
 def _startup(r: dict) -> list[str]:
