@@ -20,6 +20,7 @@ if [ "$profile" = test ]; then
         chromium                                 # screenshots of the HTML report
         openssh-server b4                        # kvmsplit remote's boxes (real sshd); series by message-id
         lava-common lava-dispatcher              # contrib/'s LAVA templates: LAVA's validator, and lava-run
+        kexec-tools                              # `remote boot`'s kexec, run for real inside a VM
     )
 fi
 missing=()
@@ -33,6 +34,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     echo "kvmsplit: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # kexec-tools would otherwise turn this machine's own reboots into kexecs (Debian's default)
+    echo "kexec-tools kexec-tools/load_kexec boolean false" | debconf-set-selections 2>/dev/null || true
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

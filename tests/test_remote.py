@@ -272,6 +272,19 @@ def test_a_box_that_never_comes_back_is_a_result_at_the_deadline(lab, tmp_path):
     box.close()
 
 
+def test_a_box_that_cannot_be_reached_is_a_switch_that_did_not_start(lab, tmp_path):
+    box = lab.box("down")
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"\0" * 4096)
+    inv = inventory(lab, tmp_path, [box])
+    box.close()                         # nothing listens on its address any more
+    r, wall = kvmsplit("remote", "boot", "--inventory", inv, "down", "--kernel", image,
+                       "--release", "6.12.99-x", "--deadline", "8", "--connect-timeout", "2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "down: the switch to 6.12.99-x did not start:" in r.stdout, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and wall < 30
+
+
 def test_the_release_comes_from_the_images_boot_header():
     image = next(Path("/boot").glob("vmlinuz-*"))
     assert image_release(image) == image.name.removeprefix("vmlinuz-")

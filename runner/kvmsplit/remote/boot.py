@@ -18,12 +18,14 @@ from enum import StrEnum
 from pathlib import Path
 
 from kvmsplit.errors import BadInputError, NoInputError
-from kvmsplit.remote.inventory import Box
+from kvmsplit.remote.inventory import Box, SwitchMethod
 from kvmsplit.remote.run import RemoteRun
 from kvmsplit.remote.ssh import RemoteError, Session
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 POLL_S = 1.0
+BOOT_MARK = "@@kvmsplit-boot"
+BOOT_REPORT = f'echo "{BOOT_MARK} $(cat {BOOT_ID}) $(uname -r)"'
 
 
 class BootOutcome(StrEnum):
@@ -79,9 +81,16 @@ def image_release(image: Path) -> str | None:
 
 
 def read_boot(session: Session) -> tuple[str, str]:
-    _, boot_id = session.output(["cat", BOOT_ID])
-    _, release = session.output(["uname", "-r"])
-    return boot_id.strip(), release.strip()
+    """(boot_id, release), from the one line of the output that is marked as
+    ours: a box's login files may print too (on a real box they do: a
+    `pyenv: cannot rehash` warning was taken for the release), and stdout and
+    stderr arrive together."""
+    _, out = session.output(["sh", "-c", BOOT_REPORT])
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == BOOT_MARK:
+            return words[1], words[2]
+    raise RemoteError(f"{session.box.describe()}: no boot_id and release in its answer: {out[-200:]!r}")
 
 
 def boot(box: Box, image: Path, initrd: Path | None, append: str | None, expected: str | None,
@@ -90,10 +99,24 @@ def boot(box: Box, image: Path, initrd: Path | None, append: str | None, expecte
     if not expected:
         raise BadInputError(f"{image}: no release in its boot header; give --release")
     res = BootResult(BootOutcome.NOT_STARTED, box, expected)
+    try:
+        if not _switch(box, image, initrd, append, expected, how, say, res):
+            return res
+    except RemoteError as e:        # unreachable, refused host key, lost before the switch: it runs what it ran
+        res.detail = str(e)
+        return res
+    return _wait(box, deadline_s, how, res)
+
+
+def _switch(box: Box, image: Path, initrd: Path | None, append: str | None, expected: str,
+            how: RemoteRun, say: Callable[[str], None], res: BootResult) -> bool:
+    """Send the image, load it, start the reboot; False (and res.detail) where a step failed."""
     with Session.open(box, how.trust, how.live, say=say, timeout=how.connect_timeout) as s:
         res.before = read_boot(s)
         say(f"{box.name}: running {res.before[1]} (boot_id {res.before[0]}); switching to {expected} "
             f"by {box.switch}")
+        if box.switch is SwitchMethod.KEXEC and not initrd:
+            say(f"{box.name}: no --initrd: the new kernel must mount the box's root by itself")
         s.mkdirs(f"{box.workdir}/boot")
         remote_image = f"boot/{image.name}"
         s.put(image, f"{box.workdir}/{remote_image}")
@@ -108,10 +131,15 @@ def boot(box: Box, image: Path, initrd: Path | None, append: str | None, expecte
                 res.detail = f"`{shlex.join(step)}` " + (f"exited {r.status}" if r.status is not None else
                                                           (r.lost or "timed out")) + \
                     (f": {res.log[-1]}" if res.log else "")
-                return res
+                return False
         # detached: the reboot takes this connection with it
         s.shell(f"cd {shlex.quote(box.workdir)} && nohup {shlex.join(reboot)} >/dev/null 2>&1 &",
                 deadline=time.monotonic() + how.live.dead_after)
+    return True
+
+
+def _wait(box: Box, deadline_s: float, how: RemoteRun, res: BootResult) -> BootResult:
+    """Up to the deadline, for a new boot_id; then judge its release."""
     t0 = time.monotonic()
     res.outcome, res.detail = BootOutcome.NO_RETURN, ""
     while time.monotonic() - t0 < deadline_s:
@@ -127,7 +155,7 @@ def boot(box: Box, image: Path, initrd: Path | None, append: str | None, expecte
             res.detail = "still the old boot"
             continue
         res.after, res.detail = now, ""
-        res.outcome = BootOutcome.BOOTED if now[1] == expected else BootOutcome.WRONG_KERNEL
+        res.outcome = BootOutcome.BOOTED if now[1] == res.expected else BootOutcome.WRONG_KERNEL
         break
     res.waited_s = time.monotonic() - t0
     return res

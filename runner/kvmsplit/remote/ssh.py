@@ -19,13 +19,13 @@ it passes on to its whole process group, with a SIGKILL after the grace.
 
 Commands are argv lists, joined with shlex.join: no value reaches the box's
 shell unquoted. Nothing secret is logged: the key is a path, never read
-into a message, and paramiko's own logging is left off.
+into a message, and paramiko's own logging goes nowhere.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
-import importlib
+import logging
 import os
 import shlex
 import socket
@@ -36,26 +36,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from kvmsplit.lazy import lazy
 from kvmsplit.remote.inventory import Box
-
-
-class _LazyModule:
-    """A module imported on first use: paramiko pulls in invoke and asyncio (0.1-0.4 s), which
-    every other kvmsplit command would otherwise pay at start-up (the start-up goal is 0.2 s)."""
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
-
 
 if TYPE_CHECKING:
     import paramiko
 else:
-    paramiko = _LazyModule("paramiko")
+    paramiko = lazy("paramiko")     # it pulls in invoke and asyncio: 0.1-0.4 s of every command's start-up
+
+# paramiko logs a box that accepts the connection but sends no banner (a box half up, QEMU's
+# port forward during a reboot) as an ERROR with a traceback; with no handler, Python's
+# last-resort handler printed it on stderr. What went wrong is said by kvmsplit, in one line.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 Say = Callable[[str], None]
 CONNECT_TIMEOUT = 15.0
