@@ -207,7 +207,9 @@ def test_shell_metacharacters_in_the_inventory_are_inert(lab, boxes, tmp_path):
 
 def test_a_command_that_outlives_its_time_on_the_box_is_stopped_there(lab, boxes, tmp_path):
     inv = inventory(lab, tmp_path, [boxes["b1"]])
-    r, wall = remote_run(inv, tmp_path, ["b1"], ["run", *FIVE, "--ktap"], "--timeout", "4")
+    # the guest spins in populate (for up to a minute): the command certainly outlives its 4 s
+    r, wall = remote_run(inv, tmp_path, ["b1"], ["run", *FIVE, "--ktap", "--inject-hang", "populate",
+                                                 "--phase-timeout", "60"], "--timeout", "4")
     assert r.returncode == 1
     res = results(tmp_path, "b1")
     assert res["host"]["remote"]["exit"] in (124, 137)
