@@ -25,7 +25,7 @@ fuzz:
 	@scripts/bootstrap.sh test
 	KVMSPLIT_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest -p no:cacheprovider --timeout=0 tests/test_fuzz.py $(ARGS)
 
-# The whole bench set (bench/run_all.py; about 35 minutes here): bench/RESULTS.md and
+# The whole bench set (bench/run_all.py; about 15 minutes here): bench/RESULTS.md and
 # bench/results.json; exits 1 on a missed goal. Builds come from the tests' cache
 # (KVMSPLIT_CACHE_DIR, default ~/.cache/kvmsplit-test); ARGS="--quick" checks the bench itself.
 bench: setup

@@ -211,7 +211,8 @@ class Bench:
                 except (OSError, ValueError):
                     doc = {"scenarios": []}
                 runs.append({"rc": t.rc, "wall_s": t.wall_s, "dominant": dominant(doc, t.wall_s),
-                             "verdicts": verdict_counts(doc), "failed": failed_names(doc)})
+                             "verdicts": verdict_counts(doc), "failed": failed_names(doc),
+                             "failed_why": failed_reasons(doc)})
         w = spread([r["wall_s"] for r in runs])
         out = {"runs": runs, "wall_s": w, "ratio_wall_over_goal": spread([r["wall_s"] / GOAL_SUITE_S for r in runs])}
         why = ""
@@ -224,7 +225,8 @@ class Bench:
                          None, GOAL_SUITE_S, fmt_spread(w, "s", 1),
                          why="--quick runs -k thp/2m only, not the default suite" if self.a.quick else why)
         self.goals.check("default suite exit code 0", float(all(r["rc"] == 0 for r in runs)) if runs else None,
-                         1.0, None, str([r["rc"] for r in runs]), why=str([r["verdicts"] for r in runs]))
+                         1.0, None, str([r["rc"] for r in runs]),
+                         why=f"{[r['verdicts'] for r in runs]}; " + "; ".join(runs[0]["failed_why"] if runs else []))
         return out
 
     # -- the 6.12 build under kvmsplit vm ---------------------------------------------------------
@@ -465,6 +467,12 @@ def failed_names(doc: dict) -> list[str]:
     return [s["name"] for s in doc.get("scenarios", []) if s["verdict"] in ("FAIL", "ERROR", "MISS")]
 
 
+def failed_reasons(doc: dict, width: int = 160) -> list[str]:
+    """Each failed scenario's name and the start of its first reason, as results.json says."""
+    return [f"{s['name']}: {(s['reasons'] or ['?'])[0][:width]}" for s in doc.get("scenarios", [])
+            if s["verdict"] in ("FAIL", "ERROR", "MISS")]
+
+
 def verdict_counts(doc: dict) -> dict:
     c: dict = defaultdict(int)
     for s in doc.get("scenarios", []):
@@ -570,7 +578,7 @@ def keep_sections(b: Bench, old: dict, ran: list[str]) -> None:
         else:
             goals = r.get("goals") or (old.get("goals", []) if len(old["sections"]) == 1 else [])
             b.goals.items += [Goal(**g) for g in goals]
-        r["kept_from"] = old.get("facts", {}).get("date", "?")
+        r["kept_from"] = r.get("kept_from") or old.get("facts", {}).get("date", "?")   # when it was measured
         b.doc["sections"][name] = r
         b.doc["total_s"] = b.doc.get("total_s", 0) + r.get("section_s", 0)
     b.doc["sections"] = {n: b.doc["sections"][n] for n in SECTIONS if n in b.doc["sections"]}
