@@ -72,16 +72,23 @@ def test_a_series_on_a_box_boots_each_kernel_there_and_compares_the_runs(kernel_
     assert keys[0] != keys[1]
 
 
-def test_a_matrix_boots_the_box_once_per_combination_with_its_parameters(kernel_612, lab, tmp_path):
+def series_on_a_box(lab, tmp_path, name: str, **box_opts):
+    """The two-patch series' mbox, and a box (with its inventory) that comes back on the kernel built
+    from it."""
     base = subprocess.run(["git", "-C", str(TREE), "rev-parse", "kvmsplit-base"], capture_output=True,
                           text=True).stdout.strip()
     doc = subprocess.run(["git", "-C", str(TREE), "show", f"kvmsplit-base:{DOC}"], capture_output=True,
                          text=True).stdout.splitlines()
     mbx = series_mbox(tmp_path / "series.mbx", base, doc)
-    box = lab.box("mx")
+    box = lab.box(name, **box_opts)
     box.comes_back_as = json.loads(subprocess.run([sys.executable, "-m", "kvmsplit", "kernel", "build", "--json"],
                                                   capture_output=True, text=True, check=True).stdout)["release"]
-    inv = lab.inventory(tmp_path / "boxes.toml", [box], mx=box_settings("mx", tmp_path))
+    inv = lab.inventory(tmp_path / "boxes.toml", [box], **{name: box_settings(name, tmp_path)})
+    return mbx, box, inv
+
+
+def test_a_matrix_boots_the_box_once_per_combination_with_its_parameters(kernel_612, lab, tmp_path):
+    mbx, box, inv = series_on_a_box(lab, tmp_path, "mx")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "kvmsplit", "series", "--remote", "mx", "--inventory", str(inv),
                         "--boot-deadline", "60", "--matrix", "kvm.eager_page_split=0,1", "--output", str(out),
@@ -120,16 +127,8 @@ def kvm_params_copy(where: Path) -> Path:
 
 
 def test_a_matrix_writes_a_writable_parameter_instead_of_booting_and_puts_it_back(kernel_612, lab, tmp_path):
-    base = subprocess.run(["git", "-C", str(TREE), "rev-parse", "kvmsplit-base"], capture_output=True,
-                          text=True).stdout.strip()
-    doc = subprocess.run(["git", "-C", str(TREE), "show", f"kvmsplit-base:{DOC}"], capture_output=True,
-                         text=True).stdout.splitlines()
-    mbx = series_mbox(tmp_path / "series.mbx", base, doc)
     params = kvm_params_copy(tmp_path / "kvm-params")
-    box = lab.box("pw", binds={"/sys/module/kvm/parameters": params})
-    box.comes_back_as = json.loads(subprocess.run([sys.executable, "-m", "kvmsplit", "kernel", "build", "--json"],
-                                                  capture_output=True, text=True, check=True).stdout)["release"]
-    inv = lab.inventory(tmp_path / "boxes.toml", [box], pw=box_settings("pw", tmp_path))
+    mbx, box, inv = series_on_a_box(lab, tmp_path, "pw", binds={"/sys/module/kvm/parameters": params})
     out = tmp_path / "out"
     # every run fails (its guest "hangs" in a 10 ms phase): the parameter is put back all the same
     r = subprocess.run([sys.executable, "-m", "kvmsplit", "series", "--remote", "pw", "--inventory", str(inv),
