@@ -176,14 +176,12 @@ class RunResult:
         under TCG, seconds per scenario. A scenario changed after done() is encoded again
         (the cache keys on the object)."""
         sr = self.scenarios[index]
-        self._done_json[index] = (sr, _encode(sr._json_view(), depth=2))
+        self._done_json[index] = (sr, _scenario_text(sr))
 
     def _scenario_json(self, index: int) -> str:
         sr = self.scenarios[index]
         cached = self._done_json.get(index)
-        if cached is not None and cached[0] is sr:
-            return cached[1]
-        return _encode(sr._json_view(), depth=2)
+        return cached[1] if cached is not None and cached[0] is sr else _scenario_text(sr)
 
     def json_text(self) -> str:
         """results.json's text: json.dumps(to_dict(), indent=1), from the done scenarios'
@@ -212,6 +210,11 @@ class RunResult:
 
 
 _SLOT = "\0scenarios\0"    # where the scenarios go in a run's text (no argument or host fact holds a NUL)
+
+
+def _scenario_text(sr: ScenarioResult) -> str:
+    """A scenario as it reads inside results.json (an item of the run's "scenarios")."""
+    return _encode(sr._json_view(), depth=2)
 
 
 def _encode(value, depth: int) -> str:
