@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -55,24 +56,47 @@ def _fingerprint(paths):
     return out
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config):
     """Runs made by tests (here, or in kvmsplit subprocesses, which inherit the
     environment) keep their history in a temporary home and their builds in a
     cache of the tests' own (kept between runs: the kernel builds take minutes),
     never in the user's."""
+    # a CI job's timeout sends SIGTERM: unwind as on Ctrl-C, so that fixtures put the
+    # host back (sshd, VMs, pools) and the session's temporary home goes
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     if "KVMSPLIT_DATA_DIR" not in os.environ:
         os.environ["KVMSPLIT_DATA_DIR"] = tempfile.mkdtemp(prefix="kvmsplit-test-data-")
     if "KVMSPLIT_CACHE_DIR" not in os.environ:
         os.environ["KVMSPLIT_CACHE_DIR"] = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                                / "kvmsplit-test")
     config._kvmsplit_user_state = _fingerprint(USER_STATE)
+    config._kvmsplit_state_seen = config._kvmsplit_user_state
+    config._kvmsplit_state_culprits = []
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After each test module: did it change the user's state? The session's
+    verdict names the module, so that a fresh CI box's one-line failure says
+    where to look."""
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    config = item.config
+    now = _fingerprint(USER_STATE)
+    if now != config._kvmsplit_state_seen:
+        config._kvmsplit_state_culprits.append(item.module.__name__)
+        config._kvmsplit_state_seen = now
 
 
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_kvmsplit_user_state", None)
     if before is not None and _fingerprint(USER_STATE) != before:
         changed = sorted(set(_fingerprint(USER_STATE).items()) ^ set(before.items()))[:5]
-        print(f"\nFAILED: the test run changed the user's kvmsplit state: {changed}")
+        by = ", ".join(session.config._kvmsplit_state_culprits) or "unknown (after the last module)"
+        print(f"\nFAILED: the test run changed the user's kvmsplit state (in {by}): {changed}")
         session.exitstatus = 1
     data = os.environ.get("KVMSPLIT_DATA_DIR", "")
     if "kvmsplit-test-data-" in data:         # ours, made in pytest_configure

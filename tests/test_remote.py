@@ -412,3 +412,34 @@ def test_a_killed_local_remote_run_leaves_nothing_running_on_the_box(lab, boxes,
         p.wait()
     assert not on_box(b1, "kvmsplit", "timeout"), "the command outlived its connection on the box"
     assert took < 5, f"the box's command took {took:.1f}s to end after its connection did"
+    assert box_tmp_empties(b1) == []
+
+
+def box_tmp_empties(box, within: float = 10) -> list[str]:
+    """What is left in the box's /tmp once its commands' wrappers have had time to clean up."""
+    t0 = time.monotonic()
+    while (left := sorted(p.name for p in box.tmp.iterdir())) and time.monotonic() - t0 < within:
+        time.sleep(0.1)
+    return left
+
+
+def test_a_deploy_killed_midway_leaves_nothing_in_the_boxs_tmp(lab, boxes, tmp_path):
+    """SIGKILL while the box makes its venv: ensurepip's wheels were left in the box's /tmp
+    for good (seen for real); now each command has a TMPDIR of its own, gone with it."""
+    b1 = boxes["b1"]
+    inv = inventory(lab, tmp_path, [b1], b1={"workdir": str(tmp_path / "fresh")})
+    args = [sys.executable, "-m", "kvmsplit", "remote", "run", "--inventory", inv, "--output", tmp_path / "out",
+            "--db", tmp_path / "h.db", "b1", "--", "kvmsplit", "run", *ONE]
+    p = subprocess.Popen(list(map(str, args)), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(b1.tmp.rglob("pip-*.whl")):        # ensurepip at work, in the box's /tmp
+            assert p.poll() is None and time.monotonic() < deadline, "never saw the venv being made"
+            time.sleep(0.02)
+        p.kill()
+        p.wait()
+    finally:
+        p.kill()
+        p.wait()
+    assert box_tmp_empties(b1) == []
+    assert not on_box(b1, "venv", "timeout"), "the venv's making outlived its connection"

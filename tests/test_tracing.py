@@ -344,10 +344,9 @@ class GatedRun:
         argv = [sys.executable, "-m", "kvmsplit", "run", "--scenario", str(tmp_path / "s.toml"),
                 "-o", str(tmp_path / "out"), "--db", str(tmp_path / "history.sqlite")]
         gate = f"import os, sys; sys.stdin.readline(); os.execv({sys.executable!r}, {argv!r})"
-        env = {k: v for k, v in os.environ.items() if k != "KVMSPLIT_CACHE_DIR"}
         self.out = tmp_path / "out"
         self.p = subprocess.Popen([sys.executable, "-c", gate], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, cwd=REPO, env=env)
+                                  stderr=subprocess.STDOUT, cwd=REPO)
         self.pid = self.p.pid
 
     def go(self, timeout=300):

@@ -7,8 +7,10 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,9 +30,16 @@ def kernel():
     return images[-1]
 
 
-def vm(*args, timeout=600):
+def vm(*args, timeout=600, tmpdir=None):
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None
     return subprocess.run([sys.executable, "-m", "kvmsplit", "vm", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def left_in(tmpdir):
+    """What a killed VM left in the temporary folder: virtme-ng's own files
+    (virtme_ret*) are removed at its exit, which a SIGKILL never reaches."""
+    return sorted(p.name for p in tmpdir.iterdir())
 
 
 def results(d):
@@ -67,10 +76,11 @@ def test_eager_split_seen_in_the_kernel_under_test(kernel, tmp_path):
 
 
 def test_kernel_panic_is_an_error_with_the_console(kernel, tmp_path):
+    (tmp_path / "tmp").mkdir()
     r = vm("--kernel", kernel, "--inject-panic-after", "1", "--",
-           "kvmsplit", "run", "-k", "thp/2m/bitmap", "-o", str(tmp_path))
+           "kvmsplit", "run", "-k", "thp/2m/bitmap", "-o", str(tmp_path / "out"), tmpdir=tmp_path / "tmp")
     assert r.returncode == 1
-    res = results(tmp_path)
+    res = results(tmp_path / "out")
     bad = [s for s in res["scenarios"] if s["verdict"] == "ERROR"]
     assert len(bad) == 1 and bad[0]["reasons"][0].startswith("kernel under test panicked: Kernel panic")
     assert "sysrq triggered crash" in bad[0]["reasons"][0]
@@ -79,15 +89,19 @@ def test_kernel_panic_is_an_error_with_the_console(kernel, tmp_path):
     assert res["host"]["vm"]["state"] == "panic"
     assert res["host"]["vm"]["boot_attempts"] == 1, "a panic after the command started is not retried"
     assert no_qemu_left()
+    assert left_in(tmp_path / "tmp") == []
 
 
 def test_timeout_kills_the_vm(kernel, tmp_path):
-    r = vm("--kernel", kernel, "--timeout", "4", "--", "kvmsplit", "run", "-o", str(tmp_path))
+    (tmp_path / "tmp").mkdir()
+    r = vm("--kernel", kernel, "--timeout", "4", "--", "kvmsplit", "run", "-o", str(tmp_path / "out"),
+           tmpdir=tmp_path / "tmp")
     assert r.returncode == 1
-    res = results(tmp_path)
+    res = results(tmp_path / "out")
     assert res["scenarios"][-1]["verdict"] in ("ERROR", "MISS")
     assert "timed out after 4s" in res["scenarios"][-1]["reasons"][0]
     assert no_qemu_left()
+    assert left_in(tmp_path / "tmp") == []
 
 
 def test_a_kernel_that_does_not_boot_is_a_miss(kernel, tmp_path):
@@ -108,3 +122,30 @@ def test_vm_usage_errors(tmp_path):
     assert r.returncode == 64 and "exactly one of --kernel" in r.stderr
     r = vm("--kernel", str(tmp_path / "nope"), "--", "kvmsplit", "run")
     assert r.returncode == 66 and "no such kernel image" in r.stderr
+
+
+def test_a_sigterm_while_the_vm_boots_leaves_no_vm_and_no_files(kernel, tmp_path):
+    """A CI job's timeout sends SIGTERM: the VM goes with kvmsplit, and so do virtme-ng's
+    temporary files, which its own exit handlers never get to remove (seen for real: a
+    virtme_ret* file left in /tmp per killed run)."""
+    (tmp_path / "tmp").mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "kvmsplit", "vm", "--kernel", kernel, "--",
+                          "kvmsplit", "run", "-k", "thp/2m/bitmap", "-o", str(tmp_path / "out")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "tmp").rglob("virtme_ret*")):    # vng has made its files
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.2)
+        time.sleep(1)
+        p.send_signal(signal.SIGTERM)
+        rest = p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, rest
+    assert "Traceback" not in rest
+    assert no_qemu_left()
+    assert left_in(tmp_path / "tmp") == []

@@ -80,6 +80,8 @@ class Box:
         self.binds = binds or {}            # a path on the box -> the test's file or directory seen there
         self.dir = lab.tmp / name
         self.dir.mkdir()
+        self.tmp = self.dir / "tmp"        # the box's /tmp (sshd's TMPDIR), to see what a run leaves there
+        self.tmp.mkdir()
         self.ns = f"kvs{os.getpid() % 100000}b{index}" if netns else None
         self.veth = f"kvs{os.getpid() % 100000}h{index}"
         self.port = 2222
@@ -134,7 +136,7 @@ class Box:
             "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "UsePAM no", "StrictModes no", "LogLevel ERROR", "PrintMotd no",
             f"SetEnv PATH={self.shims}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "
-            f"KVS_SHIM_LOG={self.shim_log} KVS_SHIM_DIR={self.dir}",
+            f"KVS_SHIM_LOG={self.shim_log} KVS_SHIM_DIR={self.dir} TMPDIR={self.tmp}",
             "Subsystem sftp internal-sftp", ""]))
         return cfg
 

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -255,8 +256,12 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
     t0 = time.monotonic()
     # vng runs its siblings (virtme-run) through PATH: put its own bin directory first
     path = os.pathsep.join([str(Path(vng).parent), os.environ.get("PATH", "")])
+    # vng's own temporary files (virtme_ret*, sockets) go to a folder of ours: it
+    # cleans them up at exit, which a VM killed at a timeout, a panic or a
+    # SIGTERM never reaches. Only TERM travels into the guest, not TMPDIR.
+    vng_tmp = tempfile.mkdtemp(prefix="kvmsplit-vng-")
     child = pexpect.spawn(vng, args, encoding="utf-8", codec_errors="replace", timeout=None,
-                          env={**os.environ, "TERM": "dumb", "PATH": path})
+                          env={**os.environ, "TERM": "dumb", "PATH": path, "TMPDIR": vng_tmp})
     out = VmOutcome(VmState.NO_BOOT, None, None, [], append=append)
     patterns = [rf"{BOOTED} (\S+)", rf"{EXITED} (\d+)", PANIC_RE, r"\n", pexpect.EOF, pexpect.TIMEOUT]
     try:
@@ -305,6 +310,7 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
                 break
     finally:
         _kill_group(child)
+        shutil.rmtree(vng_tmp, ignore_errors=True)
         out.wall_s = time.monotonic() - t0
         out.console = list(tail)
         watch.finish()

@@ -58,10 +58,20 @@ PID_MARK = "@@kvmsplit-remote-pid "
 # "$@" (`timeout ...`: its own process group) in the background, its pid said;
 # a watchdog reads the channel (our stdin, fd 3 in it: an asynchronous list's
 # stdin is /dev/null) until EOF, then stops the command; the command's end
-# stops the watchdog; the shell exits with the command's status.
-WATCHED = ('exec 3<&0; "$@" </dev/null 3<&- & pid=$!; echo "' + PID_MARK + '$pid"; '
-           '( while read -r _; do :; done; kill -TERM "$pid" 2>/dev/null ) <&3 & watch=$!; '
-           'exec 3<&-; wait "$pid"; rc=$?; exec 2>/dev/null; kill "$watch"; exit "$rc"')
+# stops the watchdog; the shell exits with the command's status. The shell's
+# own stderr is /dev/null (fd 4 keeps the channel's for the command): dash
+# says "Terminated" when the command is killed, and that write into a closed
+# channel killed the shell by SIGPIPE before it could clean up. The command
+# gets a TMPDIR of its own, removed when it ends however it ends: what a killed
+# `python -m venv` (ensurepip's wheels) or any other killed tool leaves in it
+# goes with it. --one-file-system: a tracefs a killed kvmsplit left mounted
+# there is skipped, never walked (its rmdir would remove trace instances).
+WATCHED = ('exec 3<&0 4>&2 2>/dev/null; '
+           't=$(mktemp -d "${TMPDIR:-/tmp}/kvmsplit-box.XXXXXX") && export TMPDIR="$t"; '
+           '"$@" </dev/null 2>&4 3<&- 4>&- & pid=$!; echo "' + PID_MARK + '$pid"; '
+           '( while read -r _; do :; done; kill -TERM "$pid" ) <&3 4>&- & watch=$!; '
+           'exec 3<&- 4>&-; wait "$pid"; rc=$?; kill "$watch"; '
+           '[ -n "$t" ] && rm -rf --one-file-system "$t"; exit "$rc"')
 CHUNK = 1 << 16
 
 
