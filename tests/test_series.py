@@ -103,6 +103,7 @@ def test_a_message_id_without_network_says_so_in_one_line(tmp_path):
     (["nope.mbx"], 66, "no such mbox file"),
     (["--matrix", "eager_page_split=0,1", "X"], 66, "no such mbox"),
     (["X", "--bisect"], 64, "put options before SOURCE"),
+    (["--output", "kvm.eager_page_split=0", "X"], 64, "'=' in its path cannot be shared with the VM"),
     ([], 64, "usage"),
 ])
 def test_bad_input_is_one_line_with_its_exit_code(tmp_path, args, code, words):

@@ -23,6 +23,7 @@ def cmd_vm(args) -> int:
     kernel = virtme.KernelUnderTest.resolve(args.kernel, args.kernel_tree)
     accel = virtme.choose_accel(None if args.accel == "auto" else args.accel)
     out = Path(virtme.output_dir_of(command) or Path("results") / time.strftime("vm-%Y%m%d-%H%M%S"))
+    virtme.check_shareable(out)
     print(f"kvmsplit vm: booting {kernel.image} with {accel.reason}; results in {out}/", file=sys.stderr)
     # one CPU under TCG: with several, multi-threaded TCG races the kernel's own
     # code patching (seen: 6.12 oopsing in __schedule mid-NOP); guest vCPUs

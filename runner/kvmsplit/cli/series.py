@@ -15,6 +15,7 @@ from pathlib import Path
 from kvmsplit.cli.options import add_db
 from kvmsplit.cli.remote import add_connection, remote_run_options
 from kvmsplit.errors import EXIT_FAILED, EXIT_OK, UsageError
+from kvmsplit.kernel import vm as virtme
 from kvmsplit.remote.inventory import Inventory
 from kvmsplit.series import source as sources
 from kvmsplit.series.pipeline import SeriesRun, Target, matrix
@@ -45,6 +46,8 @@ def cmd_series(args) -> int:
     if args.repeat < 1:
         raise UsageError(f"--repeat {args.repeat}: at least 1")
     out = Path(args.output or Path("results") / time.strftime("series-%Y%m%d-%H%M%S"))
+    if not args.remote:
+        virtme.check_shareable(out)          # each run's folder is under it, shared with a VM
     out.mkdir(parents=True, exist_ok=True)
     tree = Path(args.tree) if args.tree else None
     series = sources.load(src, tree, out / "source")

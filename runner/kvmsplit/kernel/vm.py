@@ -218,11 +218,25 @@ class VmOutcome:
     append: str | None = None   # the kernel command line options it booted with (a rerun boots the same)
 
 
+UNSHAREABLE = re.compile(r"[=,\s]")
+
+
+def check_shareable(outdir: Path) -> None:
+    """The output folder is shared with the VM through virtme-ng's --rwdir, QEMU's
+    options and the kernel's command line, which all take '=', ',' or a blank
+    for syntax: every run in such a folder was a MISS. Refused before anything boots."""
+    m = UNSHAREABLE.search(str(outdir.resolve()))
+    if m:
+        raise UsageError(f"output folder {outdir}: {m.group(0)!r} in its path cannot be shared with the VM "
+                         "(virtme-ng takes it for syntax); choose another")
+
+
 def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, boot_attempts: int = 2,
                  **kw) -> VmOutcome:
     """_boot_once, again if the kernel died before the command started (a boot
     flake under TCG says nothing about the code under test). Attempts are
     recorded; a failure after the command started is never retried."""
+    check_shareable(outdir)
     for attempt in range(1, boot_attempts + 1):
         out = _boot_once(kernel, argv, outdir, **kw)
         out.attempts = attempt
