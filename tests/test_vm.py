@@ -10,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +156,22 @@ def test_a_sigterm_while_the_vm_boots_leaves_no_vm_and_no_files(kernel, tmp_path
     assert "Traceback" not in rest
     assert no_qemu_left()
     assert left_in(tmp_path / "tmp") == []
+
+
+def test_a_python_in_a_folder_the_vm_hides_is_shared_with_it(kernel, tmp_path):
+    """virtme-init mounts a fresh tmpfs over /var/tmp (and /run, /var/cache, ...): a checkout
+    or a venv there was invisible inside, the command found no Python, and the run came back
+    "done" with no scenarios (seen for real: CI from a clone in /var/tmp). Here the venv is
+    reached through a symlink in /var/tmp, so the VM must see it under the link's name."""
+    link = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="kvmsplit-test-"))
+    try:
+        (link / "venv").symlink_to(Path(sys.prefix))
+        python = link / "venv" / "bin" / Path(sys.executable).name
+        r = subprocess.run([str(python), "-m", "kvmsplit", "vm", "--kernel", kernel, "--",
+                            "kvmsplit", "run", "-k", "anon/4k/bitmap", "-o", str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(link)
+    res = results(tmp_path / "out")
+    assert [(s["name"], s["verdict"]) for s in res["scenarios"]] == [("anon/4k/bitmap", "PASS")], r.stderr[-3000:]
+    assert r.returncode == 0 and res["host"]["vm"]["state"] == "done"

@@ -36,7 +36,8 @@ def cmd_vm(args) -> int:
                                   echo=lambda line: print(line, file=sys.stderr))
     rr = virtme.record(outcome, kernel, accel, out, sys.argv)
     replay(rr, out, [HistorySink(History(args.db))])      # the VM's own history was on its tmpfs
-    if outcome.state is not virtme.VmState.DONE:
+    # a "vm" entry: record() found the VM run broken, or the command's results missing
+    if outcome.state is not virtme.VmState.DONE or any(s.name == "vm" for s in rr.scenarios):
         why = next((s.reasons[0] for s in rr.scenarios if s.verdict in (Verdict.ERROR, Verdict.MISS)
                     and s.reasons), outcome.state)
         print(f"kvmsplit vm: {why}; last console lines:", file=sys.stderr)

@@ -135,6 +135,11 @@ def _tool(name: str, hint: str) -> str:
     return path
 
 
+def writes_results(args: list[str]) -> bool:
+    """Whether the kvmsplit command (its words after `kvmsplit`) writes a results.json."""
+    return args[:1] in (["run"], ["rerun"]) or args[:2] == ["selftests", "run"]
+
+
 def _inner_command(argv: list[str], outdir: Path) -> list[str]:
     """The command to run inside, as this Python's `-m kvmsplit`, with the
     output directory made explicit (it is the one writable shared folder)."""
@@ -148,8 +153,7 @@ def _inner_command(argv: list[str], outdir: Path) -> list[str]:
             args[i + 1] = str(outdir)
         elif a.startswith("--output="):
             args[i] = f"--output={outdir}"
-    takes_output = args[:1] in (["run"], ["rerun"]) or args[:2] == ["selftests", "run"]
-    if takes_output and not any(a in ("--output", "-o") or a.startswith("--output=") for a in args):
+    if writes_results(args) and not any(a in ("--output", "-o") or a.startswith("--output=") for a in args):
         args += ["--output", str(outdir)]
     return [sys.executable, "-m", "kvmsplit", *args]
 
@@ -216,19 +220,54 @@ class VmOutcome:
     boot_s: float | None = None
     wall_s: float = 0.0
     append: str | None = None   # the kernel command line options it booted with (a rerun boots the same)
+    wants_results: bool = False  # the command writes a results.json (run, rerun, selftests run)
 
 
 UNSHAREABLE = re.compile(r"[=,\s]")
+# Where virtme-init mounts a fresh tmpfs, after it has shared the host's root: the
+# host's files there are hidden from the VM unless shared again on their own.
+HIDDEN_IN_VM = tuple(Path(p) for p in (
+    "/run", "/dev", "/lib/modules", "/var/log", "/var/tmp", "/var/cache", "/var/spool/rsyslog",
+    "/var/lib/portables", "/var/lib/machines", "/var/lib/private", "/var/lib/apt", "/var/lib/snapd/cookie",
+    "/var/lib/sudo"))
 
 
-def check_shareable(outdir: Path) -> None:
-    """The output folder is shared with the VM through virtme-ng's --rwdir, QEMU's
+def check_shareable(outdir: Path, what: str = "output folder") -> None:
+    """A folder is shared with the VM through virtme-ng's --rwdir/--rodir, QEMU's
     options and the kernel's command line, which all take '=', ',' or a blank
     for syntax: every run in such a folder was a MISS. Refused before anything boots."""
     m = UNSHAREABLE.search(str(outdir.resolve()))
     if m:
-        raise UsageError(f"output folder {outdir}: {m.group(0)!r} in its path cannot be shared with the VM "
+        raise UsageError(f"{what} {outdir}: {m.group(0)!r} in its path cannot be shared with the VM "
                          "(virtme-ng takes it for syntax); choose another")
+
+
+def _hidden_in_vm(p: Path) -> bool:
+    return any(h in p.parents for h in HIDDEN_IN_VM)
+
+
+def hidden_shares(outdir: Path) -> list[str]:
+    """vng options that show the VM the host folders the command needs (kvmsplit's
+    code, this Python and its environment, the working directory, the guest
+    builds it copies) where virtme-init hides them under a tmpfs. Seen for real:
+    from a checkout in /var/tmp, the command inside found no Python, and every
+    run came back "done" with no scenarios. Each is shared at the path the
+    command uses (a symlink's target, under the link's name). Read-only, except
+    a folder that holds the output folder: virtme-ng mounts every --rwdir before
+    any --rodir, and a read-only mount over it would hide the output's own."""
+    outdir = outdir.resolve()
+    needed = {Path(os.path.abspath(p)) for p in (REPO_ROOT, sys.prefix, sys.base_prefix, os.getcwd(),
+                                                 cache_dir() / "guests")}
+    hidden = [p for p in needed if _hidden_in_vm(p) and p.exists() and p != outdir]
+    opts = []
+    for p in sorted(p for p in hidden if not any(q in p.parents for q in hidden)):
+        real = p.resolve()
+        check_shareable(p, "folder")
+        check_shareable(real, "folder")
+        where = str(p) if real == p else f"{p}={real}"
+        opts.append(f"--rwdir={where}" if p == outdir or p in outdir.parents or real in outdir.parents
+                    else f"--rodir={where}")
+    return opts
 
 
 def boot_and_run(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, boot_attempts: int = 2,
@@ -259,7 +298,8 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
     guest_image()             # warm the cache the VM copies from
     outdir.mkdir(parents=True, exist_ok=True)
     args = ["-r", str(kernel.image), "--verbose", "--cpus", str(cpus), "--memory", memory,
-            "--rwdir", str(outdir), f"--qemu-opts=-cpu {accel.cpu}"]   # '=': the value starts with '-'
+            *hidden_shares(outdir), "--rwdir", str(outdir),
+            f"--qemu-opts=-cpu {accel.cpu}"]   # '=': the value starts with '-'
     if accel.name == "tcg":
         args.insert(0, "--disable-kvm")
     if append:
@@ -276,7 +316,7 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
     vng_tmp = tempfile.mkdtemp(prefix="kvmsplit-vng-")
     child = pexpect.spawn(vng, args, encoding="utf-8", codec_errors="replace", timeout=None,
                           env={**os.environ, "TERM": "dumb", "PATH": path, "TMPDIR": vng_tmp})
-    out = VmOutcome(VmState.NO_BOOT, None, None, [], append=append)
+    out = VmOutcome(VmState.NO_BOOT, None, None, [], append=append, wants_results=writes_results(argv[1:]))
     patterns = [rf"{BOOTED} (\S+)", rf"{EXITED} (\d+)", PANIC_RE, r"\n", pexpect.EOF, pexpect.TIMEOUT]
     try:
         while True:
@@ -374,10 +414,13 @@ def record(outcome: VmOutcome, kernel: KernelUnderTest, accel: Accel, outdir: Pa
         rr = RunResult(host={"kernel": {"release": outcome.release or "unknown"}}, argv=argv,
                        kvmsplit_version=__version__)
     rr.host["vm"] = vm
-    if outcome.state is not VmState.DONE:
+    lost = outcome.state is VmState.DONE and outcome.wants_results and not path.exists()
+    if outcome.state is not VmState.DONE or lost:
         why = outcome.state.why
         reason = f"{why}: {outcome.detail}" if outcome.detail else why
         verdict = outcome.state.verdict
+        if lost:        # never a green "done" with nothing in it
+            reason, verdict = f"the command in the VM exited {outcome.rc} and wrote no results.json", Verdict.ERROR
         pending = [s for s in rr.scenarios if s.verdict is Verdict.MISS]
         if pending:
             victim = pending[0]
