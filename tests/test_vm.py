@@ -175,3 +175,25 @@ def test_a_python_in_a_folder_the_vm_hides_is_shared_with_it(kernel, tmp_path):
     res = results(tmp_path / "out")
     assert [(s["name"], s["verdict"]) for s in res["scenarios"]] == [("anon/4k/bitmap", "PASS")], r.stderr[-3000:]
     assert r.returncode == 0 and res["host"]["vm"]["state"] == "done"
+
+
+@pytest.mark.parametrize("command, writes", [(["kvmsplit", "run"], True), ([], True),
+                                             (["kvmsplit", "selftests", "run"], True),
+                                             (["kvmsplit", "probe"], False)])
+def test_a_command_that_should_write_results_and_wrote_none_is_an_error(kernel, tmp_path, command, writes):
+    """The VM ran its command to the end ("done"), and the results are not there: an ERROR
+    with the exit code, never an empty green run. A command that writes no results is fine."""
+    from kvmsplit.kernel import vm as virtme
+    from kvmsplit.runs.results import Verdict
+    assert ("--output" in virtme._inner_command(command, tmp_path)) == writes   # told where, if it writes
+    out = virtme.VmOutcome(virtme.VmState.DONE, 127, "r", ["sh: python: not found"], booted=True,
+                           wants_results=virtme.writes_results(command))
+    rr = virtme.record(out, virtme.KernelUnderTest.resolve(kernel, None), virtme.choose_accel("tcg"), tmp_path,
+                       ["kvmsplit", "vm", "--", *command])
+    if writes:
+        assert [(s.name, s.verdict) for s in rr.scenarios] == [("vm", Verdict.ERROR)]
+        assert rr.scenarios[0].reasons == ["the command in the VM exited 127 and wrote no results.json"]
+        assert rr.scenarios[0].console_tail == ["sh: python: not found"]
+    else:
+        assert rr.scenarios == []
+    assert results(tmp_path)["host"]["vm"]["state"] == "done"

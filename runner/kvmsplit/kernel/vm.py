@@ -135,9 +135,10 @@ def _tool(name: str, hint: str) -> str:
     return path
 
 
-def writes_results(args: list[str]) -> bool:
-    """Whether the kvmsplit command (its words after `kvmsplit`) writes a results.json."""
-    return args[:1] in (["run"], ["rerun"]) or args[:2] == ["selftests", "run"]
+def writes_results(argv: list[str]) -> bool:
+    """Whether the command given to `kvmsplit vm` (none: `kvmsplit run`) writes a results.json."""
+    words = argv[1:] if argv else ["run"]
+    return words[:1] in (["run"], ["rerun"]) or words[:2] == ["selftests", "run"]
 
 
 def _inner_command(argv: list[str], outdir: Path) -> list[str]:
@@ -153,7 +154,7 @@ def _inner_command(argv: list[str], outdir: Path) -> list[str]:
             args[i + 1] = str(outdir)
         elif a.startswith("--output="):
             args[i] = f"--output={outdir}"
-    if writes_results(args) and not any(a in ("--output", "-o") or a.startswith("--output=") for a in args):
+    if writes_results(argv) and not any(a in ("--output", "-o") or a.startswith("--output=") for a in args):
         args += ["--output", str(outdir)]
     return [sys.executable, "-m", "kvmsplit", *args]
 
@@ -316,7 +317,7 @@ def _boot_once(kernel: KernelUnderTest, argv: list[str], outdir: Path, *, accel:
     vng_tmp = tempfile.mkdtemp(prefix="kvmsplit-vng-")
     child = pexpect.spawn(vng, args, encoding="utf-8", codec_errors="replace", timeout=None,
                           env={**os.environ, "TERM": "dumb", "PATH": path, "TMPDIR": vng_tmp})
-    out = VmOutcome(VmState.NO_BOOT, None, None, [], append=append, wants_results=writes_results(argv[1:]))
+    out = VmOutcome(VmState.NO_BOOT, None, None, [], append=append, wants_results=writes_results(argv))
     patterns = [rf"{BOOTED} (\S+)", rf"{EXITED} (\d+)", PANIC_RE, r"\n", pexpect.EOF, pexpect.TIMEOUT]
     try:
         while True:
