@@ -321,6 +321,7 @@ IN_VM = Path(__file__).parent / "qemu_data" / "in-vm.toml"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)      # QEMU under TCG inside the VM: past 600 s on a busy day
 def test_qemu_on_a_tdp_mmu_host_splits_eagerly_and_keeps_every_page(kernel_612, tmp_path):
     """QEMU inside `kvmsplit vm` on the 6.12 build (TDP MMU, eager_page_split=Y): QEMU's
     manual-init-set logging splits eagerly, the tracepoints say KVM split, nothing is lost."""
@@ -334,6 +335,7 @@ def test_qemu_on_a_tdp_mmu_host_splits_eagerly_and_keeps_every_page(kernel_612, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)      # a kernel build (cached: seconds) and QEMU under TCG inside the VM
 def test_a_kvm_bug_on_under_qemu_is_vm_bugged_with_qemus_words(tmp_path):
     """Planted 0001 (KVM_BUG_ON in the TDP MMU's eager split): QEMU's KVM_CLEAR_DIRTY_LOG or
     KVM_RUN gets EIO. Whether QEMU exits or stops the VM, the scenario is "VM bugged" with
