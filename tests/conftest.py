@@ -93,8 +93,9 @@ def pytest_runtest_teardown(item, nextitem):
 
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_kvmsplit_user_state", None)
-    if before is not None and _fingerprint(USER_STATE) != before:
-        changed = sorted(set(_fingerprint(USER_STATE).items()) ^ set(before.items()))[:5]
+    now = _fingerprint(USER_STATE) if before is not None else None
+    if before is not None and now != before:
+        changed = sorted(set(now.items()) ^ set(before.items()))[:5]
         by = ", ".join(session.config._kvmsplit_state_culprits) or "unknown (after the last module)"
         print(f"\nFAILED: the test run changed the user's kvmsplit state (in {by}): {changed}")
         session.exitstatus = 1

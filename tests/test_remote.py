@@ -436,10 +436,8 @@ def test_a_deploy_killed_midway_leaves_nothing_in_the_boxs_tmp(lab, boxes, tmp_p
         while not list(b1.tmp.rglob("pip-*.whl")):        # ensurepip at work, in the box's /tmp
             assert p.poll() is None and time.monotonic() < deadline, "never saw the venv being made"
             time.sleep(0.02)
-        p.kill()
-        p.wait()
     finally:
-        p.kill()
+        p.kill()            # SIGKILL: no goodbye to the box
         p.wait()
     assert box_tmp_empties(b1) == []
     assert not on_box(b1, "venv", "timeout"), "the venv's making outlived its connection"

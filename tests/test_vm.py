@@ -38,6 +38,13 @@ def vm(*args, timeout=600, tmpdir=None):
                           timeout=timeout, env=env)
 
 
+@pytest.fixture
+def vm_tmp(tmp_path):
+    """The TMPDIR a `kvmsplit vm` gets, to see what it leaves there."""
+    (tmp_path / "tmp").mkdir()
+    return tmp_path / "tmp"
+
+
 def left_in(tmpdir):
     """What a killed VM left in the temporary folder: virtme-ng's own files
     (virtme_ret*) are removed at its exit, which a SIGKILL never reaches."""
@@ -77,10 +84,9 @@ def test_eager_split_seen_in_the_kernel_under_test(kernel, tmp_path):
     assert no_qemu_left()
 
 
-def test_kernel_panic_is_an_error_with_the_console(kernel, tmp_path):
-    (tmp_path / "tmp").mkdir()
+def test_kernel_panic_is_an_error_with_the_console(kernel, tmp_path, vm_tmp):
     r = vm("--kernel", kernel, "--inject-panic-after", "1", "--",
-           "kvmsplit", "run", "-k", "thp/2m/bitmap", "-o", str(tmp_path / "out"), tmpdir=tmp_path / "tmp")
+           "kvmsplit", "run", "-k", "thp/2m/bitmap", "-o", str(tmp_path / "out"), tmpdir=vm_tmp)
     assert r.returncode == 1
     res = results(tmp_path / "out")
     bad = [s for s in res["scenarios"] if s["verdict"] == "ERROR"]
@@ -91,19 +97,18 @@ def test_kernel_panic_is_an_error_with_the_console(kernel, tmp_path):
     assert res["host"]["vm"]["state"] == "panic"
     assert res["host"]["vm"]["boot_attempts"] == 1, "a panic after the command started is not retried"
     assert no_qemu_left()
-    assert left_in(tmp_path / "tmp") == []
+    assert left_in(vm_tmp) == []
 
 
-def test_timeout_kills_the_vm(kernel, tmp_path):
-    (tmp_path / "tmp").mkdir()
+def test_timeout_kills_the_vm(kernel, tmp_path, vm_tmp):
     r = vm("--kernel", kernel, "--timeout", "4", "--", "kvmsplit", "run", "-o", str(tmp_path / "out"),
-           tmpdir=tmp_path / "tmp")
+           tmpdir=vm_tmp)
     assert r.returncode == 1
     res = results(tmp_path / "out")
     assert res["scenarios"][-1]["verdict"] in ("ERROR", "MISS")
     assert "timed out after 4s" in res["scenarios"][-1]["reasons"][0]
     assert no_qemu_left()
-    assert left_in(tmp_path / "tmp") == []
+    assert left_in(vm_tmp) == []
 
 
 def test_a_kernel_that_does_not_boot_is_a_miss(kernel, tmp_path):
@@ -131,18 +136,17 @@ def test_vm_usage_errors(kernel, tmp_path):
         assert len(r.stderr.splitlines()) == 1 and not (tmp_path / bad).exists()
 
 
-def test_a_sigterm_while_the_vm_boots_leaves_no_vm_and_no_files(kernel, tmp_path):
+def test_a_sigterm_while_the_vm_boots_leaves_no_vm_and_no_files(kernel, tmp_path, vm_tmp):
     """A CI job's timeout sends SIGTERM: the VM goes with kvmsplit, and so do virtme-ng's
     temporary files, which its own exit handlers never get to remove (seen for real: a
     virtme_ret* file left in /tmp per killed run)."""
-    (tmp_path / "tmp").mkdir()
     p = subprocess.Popen([sys.executable, "-m", "kvmsplit", "vm", "--kernel", kernel, "--",
                           "kvmsplit", "run", "-k", "thp/2m/bitmap", "-o", str(tmp_path / "out")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+                         env={**os.environ, "TMPDIR": str(vm_tmp)})
     try:
         deadline = time.monotonic() + 120
-        while not list((tmp_path / "tmp").rglob("virtme_ret*")):    # vng has made its files
+        while not list(vm_tmp.rglob("virtme_ret*")):    # vng has made its files
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
             time.sleep(0.2)
         time.sleep(1)
@@ -155,7 +159,7 @@ def test_a_sigterm_while_the_vm_boots_leaves_no_vm_and_no_files(kernel, tmp_path
     assert p.returncode == 130, rest
     assert "Traceback" not in rest
     assert no_qemu_left()
-    assert left_in(tmp_path / "tmp") == []
+    assert left_in(vm_tmp) == []
 
 
 def test_a_python_in_a_folder_the_vm_hides_is_shared_with_it(kernel, tmp_path):

@@ -236,8 +236,9 @@ HIDDEN_IN_VM = tuple(Path(p) for p in (
 def check_shareable(outdir: Path, what: str = "output folder") -> None:
     """A folder is shared with the VM through virtme-ng's --rwdir/--rodir, QEMU's
     options and the kernel's command line, which all take '=', ',' or a blank
-    for syntax: every run in such a folder was a MISS. Refused before anything boots."""
-    m = UNSHAREABLE.search(str(outdir.resolve()))
+    for syntax: every run in such a folder was a MISS. Refused before anything
+    boots; both the path as given (where the VM sees it) and where it leads."""
+    m = UNSHAREABLE.search(os.path.abspath(outdir)) or UNSHAREABLE.search(str(outdir.resolve()))
     if m:
         raise UsageError(f"{what} {outdir}: {m.group(0)!r} in its path cannot be shared with the VM "
                          "(virtme-ng takes it for syntax); choose another")
@@ -262,12 +263,10 @@ def hidden_shares(outdir: Path) -> list[str]:
     hidden = [p for p in needed if _hidden_in_vm(p) and p.exists() and p != outdir]
     opts = []
     for p in sorted(p for p in hidden if not any(q in p.parents for q in hidden)):
+        check_shareable(p, "folder")        # the path the VM sees, and its target here
         real = p.resolve()
-        check_shareable(p, "folder")
-        check_shareable(real, "folder")
         where = str(p) if real == p else f"{p}={real}"
-        opts.append(f"--rwdir={where}" if p == outdir or p in outdir.parents or real in outdir.parents
-                    else f"--rodir={where}")
+        opts.append(f"--rwdir={where}" if p in outdir.parents or real in outdir.parents else f"--rodir={where}")
     return opts
 
 
